@@ -1,0 +1,100 @@
+"""``create_model`` and model listing: timm's, restricted to and checked for qing's models."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import timm
+from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, parse_model_name, split_model_name_tag
+from torch import nn
+
+__all__ = ["create_model", "list_models", "list_pretrained"]
+
+
+def list_models(pattern: str = "qing_*", *, pretrained: bool = False) -> list[str]:
+    """Registered qing architecture names matching a wildcard ``pattern``.
+
+    Args:
+        pattern: ``fnmatch`` wildcard, e.g. ``"qing_densenet*"``.
+        pretrained: Only architectures with at least one weight tag, listed with tags.
+    """
+    names = timm.list_models(pattern, pretrained=pretrained, module=None)
+    return [n for n in names if n.startswith("qing_")]
+
+
+def list_pretrained(pattern: str = "qing_*") -> list[str]:
+    """All ``architecture.tag`` names with weights, e.g. ``qing_densenet121_tr2.chexnet``."""
+    return [n for n in timm.list_pretrained(pattern) if n.startswith("qing_")]
+
+
+def _check_model_name(model_name: str) -> None:
+    source, name = parse_model_name(model_name)
+    if source:  # hf-hub: / local-dir: resolve inside timm
+        return
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models("qing_*") + timm.list_models(), n=5)
+        raise ValueError(
+            f"unknown model {arch!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " See qing.list_models()."
+        )
+    if tag:
+        known = sorted(t for t in get_arch_pretrained_cfgs(arch) if t)
+        if tag not in known:
+            raise ValueError(f"unknown tag {tag!r} for {arch}; known tags: {', '.join(known) or 'none'}")
+
+
+def create_model(
+    model_name: str,
+    pretrained: bool = False,
+    pretrained_cfg: Optional[Union[str, dict[str, Any], PretrainedCfg]] = None,
+    pretrained_cfg_overlay: Optional[dict[str, Any]] = None,
+    checkpoint_path: Optional[Union[str, Path]] = None,
+    cache_dir: Optional[Union[str, Path]] = None,
+    scriptable: Optional[bool] = None,
+    exportable: Optional[bool] = None,
+    no_jit: Optional[bool] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a model by name; ``timm.create_model`` with clearer errors.
+
+    Accepts everything timm does: ``"qing_densenet121_tr2"``, ``"qing_densenet121_tr2.chexnet"``,
+    ``"hf-hub:user/repo"``, ``"local-dir:/path"``, and any plain timm model.
+
+    Args:
+        model_name: Architecture, optionally with ``.tag``, or a ``hf-hub:``/``local-dir:`` source.
+        pretrained: Load the weights of the tag (or the default tag).
+        pretrained_cfg: A tag name, dict or ``PretrainedCfg`` to use instead of the registry's.
+        pretrained_cfg_overlay: Entries replacing those of the pretrained cfg, e.g. ``dict(file=...)``.
+        checkpoint_path: A checkpoint loaded after creation.
+        cache_dir: Cache directory for Hub and URL downloads.
+        scriptable: Configure layers for ``torch.jit.script``.
+        exportable: Configure layers for export.
+        no_jit: Disable jit-scripted layers.
+        **kwargs: Model arguments, e.g. ``num_classes=2``, ``in_chans=1``, ``img_size=320``.
+
+    Returns:
+        The model, in train mode, with ``pretrained_cfg`` describing its preprocessing.
+
+    Example:
+        >>> import qing
+        >>> model = qing.create_model("qing_test_tr1", num_classes=2)
+        >>> model.num_classes
+        2
+    """
+    _check_model_name(model_name)
+    return timm.create_model(
+        model_name,
+        pretrained=pretrained,
+        pretrained_cfg=pretrained_cfg,
+        pretrained_cfg_overlay=pretrained_cfg_overlay,
+        checkpoint_path=checkpoint_path,
+        cache_dir=cache_dir,
+        scriptable=scriptable,
+        exportable=exportable,
+        no_jit=no_jit,
+        **kwargs,
+    )

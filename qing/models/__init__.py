@@ -1,0 +1,5 @@
+"""Model families. Importing this package registers every ``qing_*`` model with timm."""
+
+from qing.models.cnn_transformer import CXR14_LABELS, CNNTransformer
+
+__all__ = ["CXR14_LABELS", "CNNTransformer"]
