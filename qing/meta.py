@@ -1,0 +1,80 @@
+"""What qing keeps with a model beyond timm's ``pretrained_cfg``: task, thresholds, evaluation.
+
+timm's ``PretrainedCfg`` describes weights and preprocessing and rejects unknown fields, so
+qing's own facts live in ``model.qing_meta`` (a :class:`ModelMeta`) and in the ``"qing"`` key
+of a saved ``config.json``. ``predict`` applies ``thresholds``; the model card shows ``metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+__all__ = ["TASKS", "ModelMeta", "get_meta", "set_meta"]
+
+#: ``binary``: one logit, sigmoid. ``multilabel``: one sigmoid per label. ``multiclass``: softmax.
+TASKS = ("binary", "multilabel", "multiclass")
+
+
+@dataclass
+class ModelMeta:
+    """qing metadata of a model.
+
+    Attributes:
+        task: One of ``TASKS``, or ``None`` when unknown (inferred from ``num_classes``).
+        thresholds: Decision threshold per output on the probability scale, chosen on
+            validation data; ``None`` means 0.5 (sigmoid tasks) or argmax (multiclass).
+        threshold_method: How the thresholds were chosen, e.g. ``"youden"`` or ``"sensitivity@0.90"``.
+        metrics: Evaluation summary (e.g. test AUROC) for the model card.
+        datasets: Names of the datasets the weights were trained on.
+    """
+
+    task: Optional[str] = None
+    thresholds: Optional[list[float]] = None
+    threshold_method: Optional[str] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not one of {TASKS}")
+        if self.thresholds is not None:
+            self.thresholds = [float(t) for t in self.thresholds]
+            bad = [t for t in self.thresholds if not 0.0 <= t <= 1.0]
+            if bad:
+                raise ValueError(f"thresholds are probabilities in [0, 1], got {bad}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict without empty entries."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, [], {})}
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict[str, Any]]) -> ModelMeta:
+        """Inverse of ``to_dict``; unknown keys are an error (a newer qing wrote them)."""
+        data = dict(data or {})
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown qing metadata keys {sorted(unknown)}; upgrade qing")
+        return cls(**data)
+
+
+def get_meta(model: nn.Module) -> ModelMeta:
+    """The model's :class:`ModelMeta` (an empty one if none was set)."""
+    meta = getattr(model, "qing_meta", None)
+    return meta if isinstance(meta, ModelMeta) else ModelMeta()
+
+
+def set_meta(model: nn.Module, **updates: Any) -> ModelMeta:
+    """Update fields of the model's metadata and return it.
+
+    Thresholds must have one entry per output (``model.num_classes``).
+    """
+    meta = dataclasses.replace(get_meta(model), **updates)
+    num_classes = getattr(model, "num_classes", None)
+    if meta.thresholds is not None and num_classes and len(meta.thresholds) != num_classes:
+        raise ValueError(f"{len(meta.thresholds)} thresholds for a model with {num_classes} outputs")
+    model.qing_meta = meta
+    return meta
