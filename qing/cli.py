@@ -22,7 +22,8 @@ def _demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         logits = model(image)
     print(model)
-    print(f"\n{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, input {tuple(image.shape)}")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\n{args.model}: {n_params:.2f} M parameters, input {tuple(image.shape)}")
     for name, p in zip(cfg["label_names"], torch.sigmoid(logits)[0].tolist()):
         print(f"  {name:<20s} {p:.3f}")
     return 0
