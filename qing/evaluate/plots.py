@@ -1,0 +1,218 @@
+"""PNG figures of a run: training curves, confusion matrix, ROC and precision-recall curves.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, no GUI
+backend; PNGs are rendered by Agg), so these functions are safe in scripts, workers and
+notebooks alike. Curves are drawn with scikit-learn's ``RocCurveDisplay`` /
+``PrecisionRecallDisplay`` / ``ConfusionMatrixDisplay``. Multi-label and multi-class
+results get one panel per label (one-vs-rest) in a grid of at most four columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, roc_curve
+
+from qing.evaluate._inputs import as_numpy, check_inputs
+
+__all__ = ["plot_confusion_matrix", "plot_pr_curves", "plot_roc_curves", "plot_training_curves"]
+
+PathLike = Union[str, Path]
+_DPI = 100
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, format="png")
+    return path
+
+
+def _grid(n_panels: int, *, panel_size: float = 3.2, max_cols: int = 4) -> tuple[Figure, list[Axes]]:
+    """A figure with ``n_panels`` axes in rows of ``max_cols``; unused cells are hidden."""
+    cols = min(max_cols, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(panel_size * cols, panel_size * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike) -> Path:
+    """Per-epoch curves from a training history.
+
+    Keys ending in ``loss`` share the first panel, ``lr`` (or keys starting with ``lr``) is
+    drawn on a log scale in the last, every other numeric key (e.g. ``val_auroc``) in the middle.
+
+    Args:
+        history: One dict per epoch, e.g. ``{"epoch": 1, "train_loss": .6, "val_loss": .5,
+            "val_auroc": .8, "lr": 1e-4}``; missing or ``None`` values are gaps.
+        path: PNG file to write.
+
+    Returns:
+        ``path``.
+    """
+    if not history:
+        raise ValueError("history is empty: no epochs to plot")
+    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "epoch"]
+    numeric = [k for k in keys if any(isinstance(row.get(k), (int, float)) for row in history)]
+    if not numeric:
+        raise ValueError(f"history has no numeric values to plot (keys: {keys})")
+    epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
+    groups = {
+        "loss": [k for k in numeric if k.endswith("loss")],
+        "metrics": [k for k in numeric if not k.endswith("loss") and not k.startswith("lr")],
+        "learning rate": [k for k in numeric if k.startswith("lr")],
+    }
+    groups = {title: ks for title, ks in groups.items() if ks}
+    fig = Figure(figsize=(4.2 * len(groups), 3.4), layout="constrained")
+    for ax, (title, ks) in zip(np.atleast_1d(fig.subplots(1, len(groups))), groups.items()):
+        for k in ks:
+            values = [row.get(k) for row in history]
+            ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", markersize=3, label=k)
+        ax.set(title=title, xlabel="epoch")
+        if title == "learning rate" and all(v > 0 for k in ks for v in (row.get(k) for row in history) if v):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: Any, path: PathLike, *, labels: Sequence[str], title: str = "") -> Path:
+    """Confusion matrix with counts, rows = truth, columns = prediction.
+
+    Args:
+        matrix: ``(K, K)`` counts (binary, multiclass) with ``labels`` naming the ``K``
+            classes, or ``(C, 2, 2)`` multilabel counts ``[[TN, FP], [FN, TP]]`` with
+            ``labels`` naming the ``C`` labels (one panel each).
+        path: PNG file to write.
+        labels: Class names (``K``) or label names (``C``).
+        title: Figure title.
+
+    Returns:
+        ``path``.
+    """
+    cm = as_numpy(matrix)
+    if cm.ndim == 2 and cm.shape == (len(labels), len(labels)):
+        side = max(4.0, 0.6 * len(labels) + 2.5)
+        fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+        ax = fig.subplots()
+        ConfusionMatrixDisplay(cm, display_labels=list(labels)).plot(
+            ax=ax, cmap="Blues", values_format="d", xticks_rotation=45 if len(labels) > 3 else "horizontal"
+        )
+    elif cm.ndim == 3 and cm.shape == (len(labels), 2, 2):
+        fig, axes = _grid(len(labels), panel_size=2.6)
+        for ax, label, counts in zip(axes, labels, cm):
+            ConfusionMatrixDisplay(counts, display_labels=["absent", "present"]).plot(
+                ax=ax, cmap="Blues", values_format="d", colorbar=False
+            )
+            ax.set_title(label, fontsize="medium")
+    else:
+        raise ValueError(
+            f"confusion matrix of shape {list(cm.shape)} does not match {len(labels)} labels; "
+            "expected (K, K) or (C, 2, 2)"
+        )
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _curve_panels(
+    targets: Any, probs: Any, *, task: str, label_names: Sequence[str]
+) -> tuple[Figure, list[tuple[Axes, str, np.ndarray, np.ndarray]]]:
+    """Axes and one-vs-rest ``(label, y, p)`` for each output; one large panel for binary."""
+    y, p = check_inputs(targets, probs, task=task, label_names=label_names)
+    if p.shape[1] == 1:
+        fig = Figure(figsize=(5.0, 5.0), layout="constrained")
+        axes = [fig.subplots()]
+    else:
+        fig, axes = _grid(p.shape[1])
+    return fig, [(ax, str(name), y[:, j], p[:, j]) for j, (ax, name) in enumerate(zip(axes, label_names))]
+
+
+def _undefined(ax: Axes, label: str, y: np.ndarray) -> None:
+    only = "negatives" if y.sum() == 0 else "positives"
+    ax.text(0.5, 0.5, f"undefined:\nonly {only}", ha="center", va="center", transform=ax.transAxes)
+    ax.set(title=label, xticks=[], yticks=[])
+
+
+def plot_roc_curves(
+    targets: Any,
+    probs: Any,
+    path: PathLike,
+    *,
+    task: str,
+    label_names: Sequence[str],
+    thresholds: Optional[Sequence[float]] = None,
+) -> Path:
+    """ROC curve per output (one-vs-rest for multiclass), AUROC in the legend.
+
+    Args:
+        targets: As for :func:`qing.evaluate.compute_metrics`.
+        probs: ``(N, C)`` probabilities.
+        path: PNG file to write.
+        task: ``"binary"``, ``"multilabel"`` or ``"multiclass"``.
+        label_names: ``C`` names.
+        thresholds: If given, each panel marks the operating point of its threshold.
+
+    Returns:
+        ``path``.
+    """
+    fig, panels = _curve_panels(targets, probs, task=task, label_names=label_names)
+    for j, (ax, label, y, p) in enumerate(panels):
+        if y.min() == y.max():
+            _undefined(ax, label, y)
+            continue
+        RocCurveDisplay.from_predictions(y, p, ax=ax, name=label, plot_chance_level=True)
+        ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)")
+        if thresholds:
+            fpr, tpr, cut = roc_curve(y, p, drop_intermediate=False)
+            i = int(np.flatnonzero(cut >= thresholds[j])[-1])
+            ax.plot(fpr[i], tpr[i], "o", color="crimson", label=f"threshold {thresholds[j]:.3g}")
+            ax.legend(loc="lower right", fontsize="small")
+        ax.set_title(label, fontsize="medium")
+        for text in ax.get_legend().get_texts():
+            text.set_fontsize("small")
+    return _save(fig, path)
+
+
+def plot_pr_curves(
+    targets: Any,
+    probs: Any,
+    path: PathLike,
+    *,
+    task: str,
+    label_names: Sequence[str],
+) -> Path:
+    """Precision-recall curve per output (one-vs-rest for multiclass), average precision in the legend.
+
+    The dashed chance line is the label's prevalence.
+
+    Args:
+        targets: As for :func:`qing.evaluate.compute_metrics`.
+        probs: ``(N, C)`` probabilities.
+        path: PNG file to write.
+        task: ``"binary"``, ``"multilabel"`` or ``"multiclass"``.
+        label_names: ``C`` names.
+
+    Returns:
+        ``path``.
+    """
+    fig, panels = _curve_panels(targets, probs, task=task, label_names=label_names)
+    for ax, label, y, p in panels:
+        if y.min() == y.max():
+            _undefined(ax, label, y)
+            continue
+        PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name=label, plot_chance_level=True)
+        ax.set(xlabel="recall (sensitivity)", ylabel="precision")
+        ax.set_title(label, fontsize="medium")
+        for text in ax.get_legend().get_texts():
+            text.set_fontsize("small")
+    return _save(fig, path)

@@ -1,0 +1,336 @@
+"""The results folder of a run: ``metrics.json``, PNG figures and a one-page report (HTML and Markdown).
+
+Everything lands in one folder and the reports link the figures by bare file name, so the
+folder can be moved, zipped or published as it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from qing.evaluate.plots import plot_confusion_matrix, plot_pr_curves, plot_roc_curves, plot_training_curves
+
+__all__ = ["DISCLAIMER", "MAX_REPORT_IMAGES", "write_report"]
+
+#: Shown at the top of every report.
+DISCLAIMER = (
+    "Research use only. qing is not a medical device: these numbers and pictures describe a model on "
+    "one dataset and are not clinical evidence, nor a substitute for a radiologist's reading."
+)
+
+#: At most this many input images are shown in the attention and feature-map figures.
+MAX_REPORT_IMAGES = 8
+
+PathLike = Union[str, Path]
+BadFile = Union[str, Path, tuple[Any, Any], Mapping[str, Any]]
+
+# A report is a list of sections (heading, blocks); a block is one of
+# ("text", str), ("list", [str]), ("table", headers, rows), ("image", file name, alt text).
+Block = tuple
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "undefined"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(interval: Optional[Sequence[float]]) -> str:
+    return "undefined" if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"
+
+
+def _bad_file_line(item: BadFile) -> str:
+    if isinstance(item, Mapping):
+        path, reason = item.get("path"), item.get("reason")
+    elif isinstance(item, tuple):
+        path, reason = item
+    else:
+        path, reason = item, None
+    return f"{path}: {reason}" if reason else str(path)
+
+
+def _summary_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
+    task = metrics["task"]
+    mean = "" if task == "binary" else " (mean over labels)" if task == "multilabel" else " (macro, one-vs-rest)"
+    boot = metrics.get("roc_auc_bootstrap") or {}
+    ci_name = f"AUROC {round(100 * boot['confidence'])}% CI" if boot else "AUROC CI"
+    rows = [
+        ["samples", _fmt(metrics["n_samples"])],
+        ["accuracy" + (" (label-wise)" if task == "multilabel" else ""), _fmt(metrics["accuracy"])],
+    ]
+    if task == "multilabel":
+        rows.append(["subset accuracy (exact match)", _fmt(metrics["subset_accuracy"])])
+    average = "" if task == "binary" else " (macro)"
+    rows += [
+        ["precision" + average, _fmt(metrics["precision"])],
+        ["sensitivity (recall)" + average, _fmt(metrics["sensitivity"])],
+        ["specificity" + ("" if task == "binary" else " (mean)"), _fmt(metrics["specificity"])],
+        ["F1" + average, _fmt(metrics["f1"])],
+        ["AUROC" + mean, _fmt(metrics["roc_auc"])],
+        [ci_name, _ci(metrics.get("roc_auc_ci"))],
+        ["PR-AUC (average precision)" + mean, _fmt(metrics["pr_auc"])],
+    ]
+    if boot:
+        rows.append(
+            [
+                "bootstrap",
+                f"{boot['method']}, {boot['n_resamples']} resamples, seed {boot['seed']}, {boot['n_skipped']} skipped",
+            ]
+        )
+    return rows
+
+
+def _threshold_text(metrics: Mapping[str, Any]) -> str:
+    method = metrics.get("threshold_method")
+    if metrics["task"] == "multiclass":
+        return "Multi-class: the predicted class is the argmax of the probabilities (no threshold)."
+    rule = {
+        "youden": "chosen on validation data by Youden's J (max sensitivity + specificity - 1)",
+        "default 0.5": "not tuned: the default 0.5",
+    }.get(method)
+    if rule is None and method and method.startswith("sensitivity@"):
+        rule = f"chosen on validation data as the highest threshold reaching sensitivity {method.split('@')[1]}"
+    rule = rule or f"method: {method}"
+    values = ", ".join(f"{t:.4g}" for t in metrics["thresholds"])
+    where = "" if metrics["task"] == "binary" else " (per label, see the table)"
+    return f"Decision threshold(s) {values}{where}: {rule}. A sample is positive when its probability >= threshold."
+
+
+def _per_label_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
+    return [
+        [
+            row["label"],
+            _fmt(row["n_positive"]),
+            _fmt(row["n_negative"]),
+            _fmt(row["roc_auc"]),
+            _ci(row["roc_auc_ci"]),
+            _fmt(row["pr_auc"]),
+            "argmax" if row["threshold"] is None else f"{row['threshold']:.4g}",
+            _fmt(row["sensitivity"]),
+            _fmt(row["specificity"]),
+            row["note"] or "",
+        ]
+        for row in metrics["per_label"]
+    ]
+
+
+def _confusion_block(metrics: Mapping[str, Any]) -> Optional[Block]:
+    if metrics["task"] == "multilabel":
+        return None  # one 2x2 per label: the figure shows them
+    labels = metrics["confusion_matrix_labels"]
+    rows = [[f"true {label}"] + [str(v) for v in counts] for label, counts in zip(labels, metrics["confusion_matrix"])]
+    return ("table", ["", *(f"predicted {label}" for label in labels)], rows)
+
+
+_PER_LABEL_HEADERS = [
+    "label", "positives", "negatives", "AUROC", "AUROC CI", "PR-AUC", "threshold", "sensitivity", "specificity", "note",
+]  # fmt: skip
+_PER_LABEL_HEADINGS = {"binary": "Per label", "multilabel": "Per-label AUROC", "multiclass": "Per class (one-vs-rest)"}
+
+
+def _sections(
+    metrics: Mapping[str, Any],
+    *,
+    figures: Mapping[str, str],
+    n_shown: int,
+    bad_files: Sequence[BadFile],
+    attention_method: str,
+) -> list[tuple[str, list[Block]]]:
+    """The report's content, independent of the output format."""
+    confusion: list[Block] = [("text", "Rows: truth; columns: prediction.")]
+    table = _confusion_block(metrics)
+    if table is not None:
+        confusion.append(table)
+    confusion.append(("image", figures["confusion"], "confusion matrix"))
+    sections: list[tuple[str, list[Block]]] = [
+        ("Summary", [("table", ["metric", "value"], _summary_rows(metrics))]),
+        ("Decision threshold", [("text", _threshold_text(metrics))]),
+        (_PER_LABEL_HEADINGS[metrics["task"]], [("table", _PER_LABEL_HEADERS, _per_label_rows(metrics))]),
+        ("Confusion matrix", confusion),
+        (
+            "Training curves",
+            [("image", figures["curves"], "training curves") if "curves" in figures
+             else ("text", "No training history given.")],
+        ),
+        ("ROC curves", [("image", figures["roc"], "ROC curves")]),
+        ("Precision-recall curves", [("image", figures["pr"], "precision-recall curves")]),
+    ]  # fmt: skip
+    if "attention" in figures:
+        attention_text = (
+            f"Class-token attention ({attention_method}) over {n_shown} input image(s). It shows where the model "
+            "read from, not why it decided: attention is not a causal explanation."
+        )
+        sections.append(("Attention maps", [("text", attention_text), ("image", figures["attention"], "attention")]))
+        features_text = "The most active channels of the backbone's last feature map for each image."
+        sections.append(("CNN feature maps", [("text", features_text), ("image", figures["features"], "feature maps")]))
+    bad = [_bad_file_line(item) for item in bad_files]
+    skipped: list[Block] = [("list", bad)] if bad else [("text", "No input file was skipped.")]
+    sections.append((f"Skipped files ({len(bad)})", skipped))
+    if metrics.get("notes"):
+        sections.append(("Notes", [("list", list(metrics["notes"]))]))
+    from qing import __version__
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections.append(("About", [("text", f"Written by qing {__version__} on {stamp}. Full numbers: metrics.json.")]))
+    return sections
+
+
+def _render_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
+    esc = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee}"
+        ".disclaimer{background:#fff4e5;border-left:4px solid #f0a020;padding:.6em 1em}</style>",
+        "</head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="disclaimer"><strong>{esc(DISCLAIMER)}</strong></p>',
+    ]
+    for heading, blocks in sections:
+        out.append(f"<h2>{esc(heading)}</h2>")
+        for block in blocks:
+            kind = block[0]
+            if kind == "text":
+                out.append(f"<p>{esc(block[1])}</p>")
+            elif kind == "list":
+                out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block[1]) + "</ul>")
+            elif kind == "table":
+                head = "".join(f"<th>{esc(h)}</th>" for h in block[1])
+                body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif kind == "image":
+                out.append(f'<p><img src="{esc(block[1])}" alt="{esc(block[2])}"></p>')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _render_markdown(title: str, sections: list[tuple[str, list[Block]]]) -> str:
+    out = [f"# {title}", "", f"> **{DISCLAIMER}**", ""]
+    for heading, blocks in sections:
+        out += [f"## {heading}", ""]
+        for block in blocks:
+            kind = block[0]
+            if kind == "text":
+                out += [block[1], ""]
+            elif kind == "list":
+                out += [f"- {_md_cell(item)}" for item in block[1]] + [""]
+            elif kind == "table":
+                out.append("| " + " | ".join(_md_cell(h) for h in block[1]) + " |")
+                out.append("|" + "---|" * len(block[1]))
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block[2]]
+                out.append("")
+            elif kind == "image":
+                out += [f"![{block[2]}]({block[1]})", ""]
+    return "\n".join(out)
+
+
+def write_report(
+    out_dir: PathLike,
+    *,
+    metrics: Mapping[str, Any],
+    targets: Any,
+    probs: Any,
+    label_names: Sequence[str],
+    task: str,
+    history: Optional[Sequence[Mapping[str, Any]]] = None,
+    model: Any = None,
+    images: Any = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    bad_files: Sequence[BadFile] = (),
+    title: str = "",
+    attention_method: str = "rollout",
+) -> Path:
+    """Write a run's results folder and its one-page report.
+
+    Files written into ``out_dir`` (created if needed; existing files of these names are replaced):
+
+    - ``metrics.json``: ``metrics`` as given.
+    - ``curves.png``: training curves, when ``history`` has epochs.
+    - ``confusion_matrix.png``, ``roc.png``, ``pr.png``.
+    - ``attention.png`` (class-token heatmaps over the inputs) and ``feature_maps.png`` (most
+      active CNN channels), when ``model`` and ``images`` are given (first
+      ``MAX_REPORT_IMAGES`` images).
+    - ``report.html`` and ``report.md``: summary metrics with the AUROC interval, the
+      threshold and how it was chosen, the per-label table, the confusion matrix, the
+      figures (linked by relative file name), skipped files, notes and a research-use disclaimer.
+
+    Args:
+        out_dir: Results folder.
+        metrics: Output of :func:`qing.evaluate.compute_metrics` for ``targets``/``probs``.
+        targets: Targets the metrics were computed on (for the curves).
+        probs: ``(N, C)`` probabilities the metrics were computed on.
+        label_names: ``C`` names.
+        task: ``"binary"``, ``"multilabel"`` or ``"multiclass"``.
+        history: Per-epoch dicts (``epoch``, ``train_loss``, ``val_loss``, ``val_auroc``, ``lr``, ...).
+        model: A qing ``CNNTransformer`` for the attention and feature-map figures.
+        images: Normalized input images ``(B, C, H, W)`` for those figures.
+        mean: Normalization mean of ``images`` (default ``model.pretrained_cfg["mean"]``).
+        std: Normalization std of ``images`` (default ``model.pretrained_cfg["std"]``).
+        bad_files: Skipped unreadable inputs: paths, ``(path, reason)`` pairs or
+            ``{"path", "reason"}`` mappings.
+        title: Report title (default "qing evaluation report").
+        attention_method: ``"rollout"`` or ``"last"`` for ``attention.png``.
+
+    Returns:
+        Path of ``report.html``.
+    """
+    if metrics.get("task") != task or list(metrics.get("label_names", [])) != [str(n) for n in label_names]:
+        raise ValueError(
+            f"metrics are for task={metrics.get('task')!r} with labels {metrics.get('label_names')}, "
+            f"but write_report got task={task!r} with labels {list(label_names)}"
+        )
+    if (model is None) != (images is None):
+        raise ValueError("model and images go together: pass both for the attention and feature-map figures")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+
+    figures: dict[str, Optional[str]] = {}
+    if history:
+        figures["curves"] = plot_training_curves(history, out / "curves.png").name
+    figures["confusion"] = plot_confusion_matrix(
+        metrics["confusion_matrix"], out / "confusion_matrix.png", labels=metrics["confusion_matrix_labels"]
+    ).name
+    thresholds = metrics.get("thresholds") or None
+    figures["roc"] = plot_roc_curves(
+        targets, probs, out / "roc.png", task=task, label_names=label_names, thresholds=thresholds
+    ).name
+    figures["pr"] = plot_pr_curves(targets, probs, out / "pr.png", task=task, label_names=label_names).name
+    n_shown = 0
+    if model is not None:
+        from qing.explain import save_attention_overlays, save_feature_maps_figure  # torch only when needed
+
+        shown = images[:MAX_REPORT_IMAGES]
+        n_shown = len(shown)
+        figures["attention"] = save_attention_overlays(
+            model, shown, out / "attention.png", mean=mean, std=std, method=attention_method
+        ).name
+        figures["features"] = save_feature_maps_figure(model, shown, out / "feature_maps.png", mean=mean, std=std).name
+
+    sections = _sections(
+        metrics, figures=figures, n_shown=n_shown, bad_files=bad_files, attention_method=attention_method
+    )
+    title = title or "qing evaluation report"
+    (out / "report.md").write_text(_render_markdown(title, sections))
+    path = out / "report.html"
+    path.write_text(_render_html(title, sections))
+    return path
