@@ -214,9 +214,8 @@ def _stats(values: Sequence[float], channels: int, what: str) -> torch.Tensor:
         if channels == 1 and len(set(values)) == 1:  # 3 equal values (a gray cfg) for a 1-channel model
             values = values[:1]
         else:
-            raise ValueError(
-                f"{what} has {len(values)} values for a {channels}-channel image; give 1 or {channels} values"
-            )
+            expected = "1 value" if channels == 1 else f"1 or {channels} values"
+            raise ValueError(f"{what} has {len(values)} values for a {channels}-channel image; give {expected}")
     return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
 
 
@@ -234,7 +233,8 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     if x.dim() not in (3, 4):
         raise ValueError(f"expected an image (C, H, W) or batch (B, C, H, W), got shape {list(x.shape)}")
     channels = x.shape[-3]
-    out = x.detach().float().cpu() * _stats(std, channels, "std") + _stats(mean, channels, "mean")
+    mean_, std_ = _stats(mean, channels, "mean"), _stats(std, channels, "std")
+    out = x.detach().float().cpu() * std_ + mean_
     return out.clamp(0.0, 1.0)
 
 
