@@ -10,6 +10,8 @@ import timm
 from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, parse_model_name, split_model_name_tag
 from torch import nn
 
+from qing.hub import handle_model_sources
+
 __all__ = ["create_model", "list_models", "list_pretrained"]
 
 
@@ -47,6 +49,7 @@ def _check_model_name(model_name: str) -> None:
             raise ValueError(f"unknown tag {tag!r} for {arch}; known tags: {', '.join(known) or 'none'}")
 
 
+@handle_model_sources
 def create_model(
     model_name: str,
     pretrained: bool = False,

@@ -1,0 +1,591 @@
+"""Save, push and load qing models as timm-format folders and Hugging Face Hub repos.
+
+A saved model is a folder (or a Hub repo) of three files:
+
+- ``model.safetensors``: the state dict (never a pickle);
+- ``config.json``: timm's config (``architecture``, ``num_classes``, ``label_names``, ``model_args``,
+  ``pretrained_cfg`` with ``mean``/``std``/``input_size``), plus ``model.qing_meta`` (task, decision
+  thresholds, metrics, datasets) under the ``"qing"`` key;
+- ``README.md``: a model card (see :mod:`qing.model_card`).
+
+Writing goes through timm's ``save_for_hf`` and ``huggingface_hub.HfApi``; reading through timm's own
+``hf-hub:`` / ``local-dir:`` sources, so a pushed model also loads with plain
+``timm.create_model("hf-hub:owner/name", pretrained=True)`` after ``import qing``.
+``qing.create_model`` adds clear errors (missing repo, revision or file; offline cache misses)
+and restores ``model.qing_meta``. Revisions pin with ``"hf-hub:owner/name@<branch or commit sha>"``.
+
+Example:
+    >>> import qing
+    >>> model = qing.create_model("qing_test_tr1", num_classes=1)
+    >>> qing.save_pretrained(model, "my-model", label_names=["Pneumonia"])  # doctest: +SKIP
+    >>> same = qing.create_model("local-dir:my-model", pretrained=True)  # doctest: +SKIP
+    >>> qing.push_to_hub(model, "me/cxr-pneumonia", label_names=["Pneumonia"])  # doctest: +SKIP
+    >>> pulled = qing.from_pretrained("me/cxr-pneumonia", revision="main")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+
+import timm
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import SafetensorError
+from timm.models import parse_model_name, save_for_hf
+from timm.utils import unwrap_model
+from torch import nn
+
+from qing.meta import ModelMeta, get_meta
+from qing.model_card import generate_model_card
+
+__all__ = [
+    "CARD_NAME",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ModelSourceNotFoundError",
+    "from_pretrained",
+    "handle_model_sources",
+    "push_to_hub",
+    "save_pretrained",
+]
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+_RESERVED = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+# Files timm's ``local-dir:`` loader accepts as weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pth.tar")
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+_CARD_FIELDS = frozenset(inspect.signature(generate_model_card).parameters) - {"config", "model_id", "num_params"}
+
+
+class ModelSourceNotFoundError(FileNotFoundError):
+    """A Hub repo, revision or file, a cached copy, or a local model folder that is not there."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and pushing
+# ---------------------------------------------------------------------------------------------
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    *,
+    label_names: Optional[list[str]] = None,
+    data_config: Optional[dict[str, Any]] = None,
+    model_card: bool = True,
+    repo_id: Optional[str] = None,
+    extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+    **card_fields: Any,
+) -> Path:
+    """Save a model as a folder that ``qing.create_model("local-dir:...")`` and timm load.
+
+    Writes ``model.safetensors``, ``config.json`` (timm's ``save_for_hf`` layout plus
+    ``"qing": model.qing_meta``) and a ``README.md`` model card. The folder is written
+    completely into a temporary folder beside ``directory`` and then renamed into place; an
+    existing model folder at ``directory`` is replaced only after the new one is complete.
+
+    Args:
+        model: A timm model (e.g. from ``qing.create_model``); DDP/compiled wrappers are unwrapped.
+        directory: Target folder. An existing one is replaced only if it is empty or holds a
+            ``config.json`` (a previously saved model); anything else is refused.
+        label_names: One name per output (``len == model.num_classes``; binary: the positive
+            class). Default: ``model.pretrained_cfg["label_names"]`` when it has the right length.
+        data_config: Preprocessing to record instead of the model's pretrained cfg, e.g.
+            ``dict(input_size=(3, 320, 320), mean=..., std=...)`` (timm ``save_for_hf`` semantics).
+        model_card: Write ``README.md``.
+        repo_id: Hub repo the folder is meant for; the card's usage snippet then loads
+            ``"hf-hub:<repo_id>"`` instead of the local folder.
+        extra_files: More files to place in the folder, ``{relative name: text or bytes}``,
+            written before the rename so they appear atomically with the model (e.g. training state).
+        **card_fields: Model card fields: ``title``, ``description``, ``license``, ``datasets``,
+            ``tags``, ``base_model``, ``limitations``, ``citation`` (see
+            :func:`qing.model_card.generate_model_card`).
+
+    Returns:
+        The folder path.
+
+    Raises:
+        FileExistsError: ``directory`` exists and is not a saved model folder.
+        ValueError: Label names or thresholds that do not match ``model.num_classes``.
+        TypeError: Not a timm model, or an unknown card field.
+    """
+    _check_card_fields(model_card, card_fields)
+    directory = Path(directory)
+    _check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        os.chmod(staging, 0o755)
+        model_id = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{directory}"
+        _write_model_folder(
+            model,
+            staging,
+            model_id=model_id,
+            label_names=label_names,
+            data_config=data_config,
+            model_card=model_card,
+            card_fields=card_fields,
+            extra_files=extra_files,
+        )
+        _replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    revision: Optional[str] = None,
+    private: bool = False,
+    token: Optional[str] = None,
+    commit_message: str = "Upload model with qing",
+    label_names: Optional[list[str]] = None,
+    data_config: Optional[dict[str, Any]] = None,
+    model_card: bool = True,
+    **card_fields: Any,
+) -> str:
+    """Upload a model to a Hugging Face Hub repo in one commit; create the repo (and branch) if needed.
+
+    The files are those of :func:`save_pretrained`, built with timm's ``save_for_hf`` and uploaded
+    with ``huggingface_hub.HfApi.upload_folder`` (timm's ``push_to_hf_hub`` does the same but writes
+    its own generic card). Files that did not change are not re-uploaded; other files already in the
+    repo are kept.
+
+    Args:
+        model: A timm model (e.g. from ``qing.create_model``).
+        repo_id: ``"owner/name"`` (a bare ``"name"`` goes to the token's user).
+        revision: Branch to commit to; created from ``main`` if it does not exist. ``None``: ``main``.
+        private: Create the repo as private (ignored if it exists).
+        token: Hub token; default: ``HF_TOKEN`` or the one saved by ``hf auth login``.
+        commit_message: Commit title.
+        label_names: See :func:`save_pretrained`.
+        data_config: See :func:`save_pretrained`.
+        model_card: Write ``README.md`` (replacing the repo's); ``False`` leaves the repo's card alone.
+        **card_fields: Model card fields, see :func:`save_pretrained`.
+
+    Returns:
+        The commit: a ``str`` (its URL) whose ``.oid`` is the commit sha, which pins this exact
+        upload: ``qing.create_model(f"hf-hub:{repo_id}@{commit.oid}", pretrained=True)``.
+    """
+    import qing
+
+    _check_card_fields(model_card, card_fields)
+    if revision is not None and _COMMIT_SHA.match(revision):
+        raise ValueError(f"revision={revision!r} is a commit sha; push to a branch name (or None for 'main')")
+    api = HfApi(token=token, library_name="qing", library_version=qing.__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and revision != hf_constants.DEFAULT_REVISION:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    model_id = f"hf-hub:{repo_id}" + (f"@{revision}" if revision not in (None, hf_constants.DEFAULT_REVISION) else "")
+    with tempfile.TemporaryDirectory(prefix="qing-push-") as folder:
+        _write_model_folder(
+            model,
+            Path(folder),
+            model_id=model_id,
+            label_names=label_names,
+            data_config=data_config,
+            model_card=model_card,
+            card_fields=card_fields,
+            extra_files=None,
+        )
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)
+
+
+def _check_card_fields(model_card: bool, card_fields: Mapping[str, Any]) -> None:
+    unknown = sorted(set(card_fields) - _CARD_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown model card field(s) {unknown}; expected some of {sorted(_CARD_FIELDS)}")
+    if card_fields and not model_card:
+        raise TypeError(f"model card fields {sorted(card_fields)} given with model_card=False")
+
+
+def _write_model_folder(
+    model: nn.Module,
+    folder: Path,
+    *,
+    model_id: str,
+    label_names: Optional[list[str]],
+    data_config: Optional[dict[str, Any]],
+    model_card: bool,
+    card_fields: Mapping[str, Any],
+    extra_files: Optional[Mapping[str, Union[str, bytes]]],
+) -> None:
+    model = unwrap_model(model)
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        raise TypeError(
+            f"expected a timm model (from qing.create_model or timm.create_model), got {type(model).__name__}"
+        )
+    num_classes = int(model.num_classes)
+    meta = get_meta(model)
+    if meta.thresholds is not None and len(meta.thresholds) != num_classes:
+        raise ValueError(f"model.qing_meta has {len(meta.thresholds)} thresholds for {num_classes} outputs")
+    if meta.task == "binary" and num_classes != 1:
+        raise ValueError(f"model.qing_meta.task is 'binary' but the model has {num_classes} outputs (expected 1)")
+    model_config: dict[str, Any] = {"qing": _jsonable(meta.to_dict(), "model.qing_meta")}
+    names = _resolve_label_names(model, label_names)
+    if names:
+        model_config["label_names"] = names
+    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    if model_card:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        num_params = sum(p.numel() for p in model.parameters())
+        card = generate_model_card(config, model_id=model_id, num_params=num_params, **card_fields)
+        (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    for name, content in (extra_files or {}).items():
+        target = _extra_file_path(folder, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            target.write_text(content, encoding="utf-8")
+        else:
+            target.write_bytes(bytes(content))
+
+
+def _resolve_label_names(model: nn.Module, label_names: Optional[list[str]]) -> Optional[list[str]]:
+    num_classes = int(model.num_classes)
+    if label_names is not None:
+        if isinstance(label_names, str):
+            raise ValueError(f"label_names must be a list of names, got the string {label_names!r}")
+        names = [str(n) for n in label_names]
+        if len(names) != num_classes:
+            hint = " (binary: the name of the positive class)" if num_classes == 1 else ""
+            raise ValueError(f"{len(names)} label_names for a model with {num_classes} outputs{hint}")
+        return names
+    names = model.pretrained_cfg.get("label_names")
+    if names and len(names) == num_classes:
+        return [str(n) for n in names]
+    if num_classes:
+        _logger.warning(
+            "saving without label names: the model has %d outputs and its pretrained_cfg has %s; "
+            "pass label_names=[...] so the config and model card name the outputs",
+            num_classes,
+            f"{len(names)} label names" if names else "none",
+        )
+    return None
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return _jsonable(value.tolist(), where)
+    raise TypeError(f"{where} holds a {type(value).__name__}, which config.json cannot store (JSON types only)")
+
+
+def _extra_file_path(folder: Path, name: str) -> Path:
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"extra_files name {name!r} must be a relative path inside the model folder")
+    if relative.as_posix() in _RESERVED:
+        raise ValueError(f"extra_files name {name!r} would overwrite the model's own {relative.as_posix()}")
+    return folder / relative
+
+
+def _check_replaceable(directory: Path) -> None:
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder; choose another path for the model")
+    if any(directory.iterdir()) and not (directory / CONFIG_NAME).is_file():
+        raise FileExistsError(
+            f"{directory} exists, is not empty and holds no {CONFIG_NAME}, so it is not a saved model folder; "
+            "refusing to replace it. Choose a new folder or remove this one."
+        )
+
+
+def _replace_dir(staging: Path, directory: Path) -> None:
+    """Move the complete ``staging`` folder to ``directory``, replacing an old one only at the end."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(directory, old)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def from_pretrained(
+    source: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load a saved or pushed model with its weights and ``qing_meta``, in eval mode.
+
+    Args:
+        source: A Hub repo id (``"owner/name"``), a local folder (a ``Path``, or a string naming an
+            existing folder), or a prefixed name (``"hf-hub:owner/name[@rev]"``, ``"local-dir:path"``).
+        revision: Hub branch or commit sha to load (same as ``"@rev"`` in the name).
+        cache_dir: Hub cache folder (default: the huggingface_hub cache).
+        **kwargs: Passed to ``qing.create_model``, e.g. ``num_classes=3`` for a new head
+            (thresholds and metrics of the old head are then dropped, with a warning).
+
+    Returns:
+        The model in eval mode; ``model.qing_meta`` holds the saved task, thresholds and metrics.
+
+    Raises:
+        ModelSourceNotFoundError: Missing repo, revision, file or folder, or not cached while offline.
+    """
+    from qing._factory import create_model
+
+    model = create_model(_source_name(source, revision), pretrained=True, cache_dir=cache_dir, **kwargs)
+    return model.eval()
+
+
+def _source_name(source: Union[str, os.PathLike], revision: Optional[str]) -> str:
+    if isinstance(source, os.PathLike) or (":" not in str(source) and Path(source).is_dir()):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} given for the local folder {source}; revisions are Hub-only")
+        return f"local-dir:{os.fspath(source)}"
+    name = str(source)
+    prefix, colon, rest = name.partition(":")
+    if not colon or prefix not in ("hf-hub", "local-dir"):
+        name, prefix, rest = f"hf-hub:{name}", "hf-hub", name
+    if revision is not None:
+        if prefix != "hf-hub":
+            raise ValueError(f"revision={revision!r} given for {name}; revisions are Hub-only")
+        if "@" in rest:
+            raise ValueError(f"{name} already names a revision; drop revision={revision!r} or the '@...'")
+        name = f"{name}@{revision}"
+    return name
+
+
+@dataclass
+class _Source:
+    """A resolved ``hf-hub:`` / ``local-dir:`` model: where it is, its config and qing metadata."""
+
+    kind: str
+    location: str  # repo id or folder path
+    revision: Optional[str]
+    config: dict[str, Any]
+    meta: Optional[ModelMeta]
+    cache_dir: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        if self.kind == "local-dir":
+            return f"local model folder {self.location}"
+        return f"Hub repo {self.location!r}" + (f" at revision {self.revision!r}" if self.revision else "")
+
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def handle_model_sources(create_model_fn: F) -> F:
+    """Decorate ``create_model`` so ``hf-hub:`` / ``local-dir:`` names fail clearly and restore ``qing_meta``.
+
+    For a source name, the wrapped function first reads the source's ``config.json`` (turning
+    missing repos, revisions, files, folders and offline cache misses into
+    :class:`ModelSourceNotFoundError` messages that say how to fix them), checks that the
+    architecture is registered and the ``"qing"`` metadata is valid, then calls ``create_model_fn``.
+    With ``pretrained=True`` it sets ``model.qing_meta`` from the config; with ``pretrained=False``
+    it logs that only the architecture was built. Other names pass straight through.
+    """
+    signature = inspect.signature(create_model_fn)
+
+    @functools.wraps(create_model_fn)
+    def create_model(*args: Any, **kwargs: Any) -> nn.Module:
+        arguments = signature.bind(*args, **kwargs).arguments
+        try:
+            kind, location = parse_model_name(arguments["model_name"])
+        except ValueError:
+            kind = None  # let create_model_fn raise its own error for a malformed name
+        if kind is None:
+            return create_model_fn(*args, **kwargs)
+        pretrained = bool(arguments.get("pretrained", False))
+        source = _open_source(kind, location, cache_dir=arguments.get("cache_dir"), pretrained=pretrained)
+        with _explain_errors(source):
+            model = create_model_fn(*args, **kwargs)
+        if pretrained:
+            _restore_meta(model, source)
+        elif not arguments.get("checkpoint_path"):
+            _logger.warning(
+                "built the %s architecture from %s without its weights (pretrained=False); "
+                "pass pretrained=True or use qing.from_pretrained to load them",
+                source.config["architecture"],
+                source.text,
+            )
+        return model
+
+    return create_model  # type: ignore[return-value]
+
+
+def _open_source(
+    kind: str, location: str, *, cache_dir: Optional[Union[str, os.PathLike]], pretrained: bool
+) -> _Source:
+    if kind == "local-dir":
+        source = _Source(kind, location, None, {}, None)
+        config_path = _check_local_dir(Path(location), pretrained=pretrained)
+    else:
+        repo_id, _, revision = location.partition("@")
+        source = _Source(kind, repo_id, revision or None, {}, None, os.fspath(cache_dir) if cache_dir else None)
+        with _explain_errors(source, filename=CONFIG_NAME):
+            config_path = Path(
+                hf_hub_download(
+                    repo_id, CONFIG_NAME, revision=source.revision, cache_dir=cache_dir, library_name="qing"
+                )
+            )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} of {source.text} is not valid JSON ({err}); the file is corrupt") from err
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise ValueError(f"{config_path} of {source.text} has no 'architecture': not a timm model config")
+    if not timm.is_model(config["architecture"]):
+        raise ValueError(
+            f"{source.text} needs the architecture {config['architecture']!r} (from its {CONFIG_NAME}), which is "
+            "not registered: import the package that defines it (`import qing` registers qing's), or upgrade qing"
+        )
+    source.config = config
+    if config.get("qing") is not None:
+        try:
+            source.meta = ModelMeta.from_dict(config["qing"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"invalid 'qing' metadata in {CONFIG_NAME} of {source.text}: {err}") from err
+    return source
+
+
+def _check_local_dir(folder: Path, *, pretrained: bool) -> Path:
+    expected = (
+        f"expected a folder written by qing.save_pretrained or timm's save_for_hf ({CONFIG_NAME}, {WEIGHTS_NAME})"
+    )
+    if not folder.exists():
+        raise ModelSourceNotFoundError(f"local model folder {folder} does not exist; {expected}")
+    if not folder.is_dir():
+        raise ModelSourceNotFoundError(f"local model folder {folder} is a file, not a folder; {expected}")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise ModelSourceNotFoundError(f"local model folder {folder} has no {CONFIG_NAME}; {expected}")
+    if pretrained and not any(p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir()):
+        raise ModelSourceNotFoundError(f"local model folder {folder} has no weights file ({WEIGHTS_NAME}); {expected}")
+    return config_path
+
+
+@contextlib.contextmanager
+def _explain_errors(source: _Source, filename: Optional[str] = None) -> Iterator[None]:
+    """Re-raise Hub, cache and checkpoint errors with a message that names the source and the fix."""
+    try:
+        yield
+    except RevisionNotFoundError as err:
+        raise ModelSourceNotFoundError(
+            f"revision {source.revision!r} was not found in Hub repo {source.location!r} at "
+            f"{hf_constants.ENDPOINT}; use a branch name or a full 40-character commit sha (list them with "
+            f"huggingface_hub.HfApi().list_repo_refs({source.location!r}) and .list_repo_commits(...))"
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise ModelSourceNotFoundError(
+            f"Hub repo {source.location!r} was not found at {hf_constants.ENDPOINT} (HTTP "
+            f"{err.response.status_code}); check the 'owner/name' spelling, log in for a private or gated repo "
+            "(`hf auth login` or HF_TOKEN), or load a local folder with 'local-dir:PATH'"
+        ) from err
+    except LocalEntryNotFoundError as err:
+        raise ModelSourceNotFoundError(_cache_miss_message(source, filename)) from err
+    except EntryNotFoundError as err:  # the repo and revision exist, the file does not
+        missing = filename or _filename_from_error(err) or "a weights file"
+        raise ModelSourceNotFoundError(
+            f"{source.text} has no {missing}: expected a timm model repo with {CONFIG_NAME} and {WEIGHTS_NAME} "
+            "(as written by qing.push_to_hub or timm's push_to_hf_hub)"
+        ) from err
+    except OfflineModeIsEnabled as err:
+        raise ModelSourceNotFoundError(_cache_miss_message(source, filename)) from err
+    except SafetensorError as err:
+        raise ValueError(
+            f"the weights of {source.text} are not a readable safetensors file ({err}); the file is truncated or "
+            "corrupt: save or download it again (Hub: hf_hub_download(..., force_download=True))"
+        ) from err
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        architecture = source.config.get("architecture", "?")
+        raise ValueError(
+            f"the weights of {source.text} do not fit the architecture {architecture!r} named in its "
+            f"{CONFIG_NAME} (checkpoint for another architecture or configuration?): {err}"
+        ) from err
+
+
+def _cache_miss_message(source: _Source, filename: Optional[str]) -> str:
+    cache = source.cache_dir or hf_constants.HF_HUB_CACHE
+    what = f"{source.text}" + (f" ({filename})" if filename else "")
+    download = f"`hf download {source.location}" + (f" --revision {source.revision}`" if source.revision else "`")
+    fixes = (
+        f"go online, download it beforehand with {download} (same cache), "
+        "or load a local copy with 'local-dir:PATH' (see qing.save_pretrained)"
+    )
+    if hf_constants.is_offline_mode():
+        return f"{what} is not in the local Hub cache ({cache}) and offline mode is on (HF_HUB_OFFLINE=1); {fixes}"
+    return (
+        f"{what} could not be fetched from {hf_constants.ENDPOINT} and is not in the local Hub cache ({cache}); "
+        f"check the connection and HF_ENDPOINT, or {fixes}"
+    )
+
+
+def _filename_from_error(err: Exception) -> Optional[str]:
+    response = getattr(err, "response", None)
+    request = getattr(response, "request", None) if response is not None else None
+    url = str(getattr(request, "url", "") or "")
+    if "/resolve/" not in url:
+        return None
+    return url.rsplit("/", 1)[-1] or None
+
+
+def _restore_meta(model: nn.Module, source: _Source) -> None:
+    if source.meta is None:
+        return  # not saved by qing: nothing to restore
+    meta = source.meta
+    saved_classes = source.config.get("num_classes")
+    if saved_classes is not None and model.num_classes != saved_classes:
+        dropped = [name for name in ("thresholds", "threshold_method", "metrics") if getattr(meta, name)]
+        keep_task = meta.task if meta.task != "binary" or model.num_classes == 1 else None
+        if meta.task and keep_task is None:
+            dropped.append("task")
+        meta = dataclasses.replace(meta, task=keep_task, thresholds=None, threshold_method=None, metrics={})
+        if dropped:
+            _logger.warning(
+                "%s was saved with %s outputs, the model has %s: dropped qing metadata %s (it described the old head)",
+                source.text,
+                saved_classes,
+                model.num_classes,
+                ", ".join(dropped),
+            )
+    model.qing_meta = meta
