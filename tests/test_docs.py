@@ -1,0 +1,360 @@
+"""The documentation is executed and built: code blocks run, the site builds strictly, Chromium renders it.
+
+- Every ```python block of docs/**/*.md and README.md runs, page by page in order, in a fresh
+  namespace inside a temporary working directory that holds a generated ``xray.png``. The large
+  architectures the docs name are swapped for the tiny ``qing_test_tr1`` (set
+  ``QING_DOCS_FULL_MODELS=1`` to run them as written). A block opts out only with
+  ``<!-- docs-test: skip <reason> -->`` on the line before it; opted-out blocks are reported.
+- ``mkdocs build --strict`` runs as a subprocess (once per test session, shared by xdist workers);
+  the generated pages are checked against the code: every public module and name in the API
+  reference, every registered model in the zoo, every subcommand on the command-line page.
+- Debian's Chromium renders Home, Model zoo and the ``qing`` API page from ``file://`` with the
+  theme's JavaScript; the test reads the DOM it dumps.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import qing
+from tests.docs_helpers import CodeBlock, MarkdownError, Node, code_blocks, parse_html
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS = REPO_ROOT / "docs"
+PAGES = [*sorted(DOCS.rglob("*.md")), REPO_ROOT / "README.md"]
+TEST_MODEL = "qing_test_tr1"
+CHROMIUM = Path(os.environ.get("QING_CHROMIUM", "/usr/bin/chromium"))
+#: Pages whose code the reader runs first: they must keep at least one executed block.
+MUST_HAVE_CODE = ["docs/index.md", "docs/quickstart.md", "docs/installation.md", "docs/models.md", "README.md"]
+
+
+def _rel(page: Path) -> str:
+    return page.relative_to(REPO_ROOT).as_posix()
+
+
+def _blocks(page: Path) -> list[CodeBlock]:
+    return [b for b in code_blocks(page) if b.lang in {"python", "py"}]
+
+
+def _with_tiny_models(source: str) -> str:
+    """Replace every registered architecture name except the test model (tags keep their name)."""
+    if os.environ.get("QING_DOCS_FULL_MODELS") == "1":
+        return source
+    names = sorted((n for n in qing.list_models() if n != TEST_MODEL), key=len, reverse=True)
+    return re.sub(rf"\b({'|'.join(map(re.escape, names))})\b(?![.\w])", TEST_MODEL, source)
+
+
+def _write_xray(path: Path) -> None:
+    """A generated 300 x 256 grayscale 'radiograph': dark film, two lung fields, a spine, noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:300, 0:256]
+    image = np.full((300, 256), 40.0)
+    for cx in (80, 176):
+        image[((xx - cx) / 55) ** 2 + ((yy - 150) / 110) ** 2 < 1] = 110
+    image[:, 122:134] = 200
+    image += rng.normal(0, 8, image.shape)
+    Image.fromarray(image.clip(0, 255).astype(np.uint8), mode="L").save(path)
+
+
+def run_blocks(blocks: list[CodeBlock], workdir: Path) -> dict:
+    """Run ``blocks`` (opted-out ones aside) in order, in one fresh namespace, with ``workdir`` as working directory.
+
+    Code is compiled against the page's own path and line numbers, so a traceback points at the
+    Markdown line that failed.
+    """
+    namespace: dict = {"__name__": "__main__"}
+    previous = Path.cwd()
+    os.chdir(workdir)
+    try:
+        for block in blocks:
+            if block.skip_reason:
+                continue
+            source = "\n" * (block.line - 1) + _with_tiny_models(block.source)
+            exec(compile(source, str(block.page), "exec"), namespace)
+    finally:
+        os.chdir(previous)
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")
+    return namespace
+
+
+# ---- the code blocks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=_rel)
+def test_page_code_blocks_run(page: Path, tmp_path: Path) -> None:
+    blocks = _blocks(page)
+    skipped = [b for b in blocks if b.skip_reason]
+    _write_xray(tmp_path / "xray.png")
+    run_blocks(blocks, tmp_path)
+    if skipped:
+        where = ", ".join(f"line {b.line} ({b.skip_reason})" for b in skipped)
+        warnings.warn(f"{_rel(page)}: {len(skipped)} Python block(s) opted out of the docs test: {where}", stacklevel=1)
+
+
+def test_docs_have_code_and_every_opt_out_is_explicit() -> None:
+    runnable, opted_out = {}, []
+    for page in PAGES:
+        blocks = _blocks(page)  # raises MarkdownError on a stray or reason-less marker
+        runnable[_rel(page)] = sum(not b.skip_reason for b in blocks)
+        opted_out += [f"{_rel(page)}:{b.line}: {b.skip_reason}" for b in blocks if b.skip_reason]
+    assert [p for p in MUST_HAVE_CODE if not runnable.get(p)] == []
+    print(f"\n{sum(runnable.values())} Python blocks run, {len(opted_out)} opted out", *opted_out, sep="\n  ")
+
+
+def test_a_renamed_function_breaks_the_docs_test(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n```python\nimport qing\nmodel = qing.create_model('qing_densenet121_tr2')\n```\n\n"
+        "```python\nmodel.forward_attentions\n```\n"
+    )
+    with pytest.raises(AttributeError, match="forward_attentions") as error:
+        run_blocks(_blocks(page), tmp_path)
+    in_page = [entry.lineno + 1 for entry in error.traceback if str(entry.path) == str(page)]
+    assert in_page == [9]  # the traceback points at the Markdown line of the failing call
+
+
+def test_opt_out_markers_are_parsed_strictly(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("<!-- docs-test: skip needs weights -->\n\n```python\nraise SystemExit\n```\n\n```py\nx = 1\n```\n")
+    first, second = code_blocks(page)
+    assert (first.skip_reason, first.line) == ("needs weights", 4)
+    assert (second.skip_reason, second.source) == (None, "x = 1\n")
+    assert run_blocks(_blocks(page), tmp_path)["x"] == 1  # the opted-out block did not run
+
+    cases = {
+        "<!-- docs-test: skip -->\n```python\nx = 1\n```\n": "skip marker without a reason",
+        "<!-- docs-test: skip slow -->\n```bash\nls\n```\n": "skip marker before a bash block",
+        "<!-- docs-test: skip slow -->\nSome text.\n```python\nx = 1\n```\n": "not followed by a code block",
+        "<!-- docs-test: skipp slow -->\n```python\nx = 1\n```\n": "unknown docs-test marker",
+        "```python\nx = 1\n": "is never closed",
+    }
+    for text, message in cases.items():
+        page.write_text(text)
+        with pytest.raises(MarkdownError, match=message):
+            code_blocks(page)
+
+
+def test_tiny_model_swap_keeps_tags_and_the_test_model() -> None:
+    source = 'a("qing_densenet121_tr2"), b("qing_densenet121_tr4.chexnet"), c("qing_test_tr1"), d("qing_resnet50_tr2x")'
+    expected = 'a("qing_test_tr1"), b("qing_densenet121_tr4.chexnet"), c("qing_test_tr1"), d("qing_resnet50_tr2x")'
+    assert _with_tiny_models(source) == expected
+
+
+# ---- the built site ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site built by ``mkdocs build --strict``; built once even when xdist workers share the session."""
+    for module in ("mkdocs", "material", "mkdocstrings_handlers.python"):
+        pytest.importorskip(module, reason="the docs extra is not installed: pip install -e '.[docs]'")
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's directory, common to all workers
+    out, log = shared / "docs-site", shared / "docs-site.json"
+    with FileLock(str(shared / "docs-site.lock")):
+        if not log.is_file():
+            env = dict(os.environ, HF_HUB_OFFLINE="1", NO_MKDOCS_2_WARNING="1")
+            command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO_ROOT / "mkdocs.yml")]
+            result = subprocess.run(
+                [*command, "-d", str(out)],
+                cwd=REPO_ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            log.write_text(json.dumps({"returncode": result.returncode, "output": result.stdout + result.stderr}))
+    built = json.loads(log.read_text())
+    assert built["returncode"] == 0, f"mkdocs build --strict failed:\n{built['output']}"
+    assert "WARNING" not in built["output"], built["output"]
+    return out
+
+
+def _public_modules() -> list[str]:
+    """Public modules of qing, found by importing the package tree (independently of the docs hook)."""
+    names = ["qing"]
+    for info in pkgutil.walk_packages(qing.__path__, "qing."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return names
+
+
+def _reference_ids(site: Path) -> dict[str, str]:
+    """``{html id: page text}`` over the API reference pages."""
+    ids = {}
+    for page in (site / "reference").rglob("index.html"):
+        html = page.read_text(encoding="utf-8")
+        ids.update(dict.fromkeys(re.findall(r'\bid="([^"]+)"', html), html))
+    return ids
+
+
+def test_api_reference_documents_every_public_module_and_name(site: Path) -> None:
+    ids = _reference_ids(site)
+    missing = []
+    for module_name in _public_modules():
+        module = importlib.import_module(module_name)
+        if module_name not in ids:
+            missing.append(module_name)
+            continue
+        for name in getattr(module, "__all__", []):
+            if f"{module_name}.{name}" in ids:
+                continue
+            obj = getattr(module, name)
+            home = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+            # a re-export is listed on its package's page and linked to where it is rendered
+            if not (
+                home in ids
+                and f"<code>{module_name}.{name}</code>" in ids[module_name]
+                and f'#{home}"' in ids[module_name]
+            ):
+                missing.append(f"{module_name}.{name}")
+    assert missing == []
+    function = parse_html(ids["qing.create_model"]).by_id("qing.create_model").parent.text()
+    assert "create_model( model_name: str," in function and "Create a model by name" in function
+
+
+def _zoo_rows(document: Node) -> dict[str, list[str]]:
+    zoo = document.find_all(lambda n: "qing-zoo" in n.classes)
+    assert len(zoo) == 1, "the model zoo table (div.qing-zoo) is missing"
+    rows = [tr for tr in zoo[0].find_all(lambda n: n.tag == "tr") if tr.find_all(lambda n: n.tag == "td")]
+    return {cells[0]: cells for cells in ([td.text() for td in tr.find_all(lambda n: n.tag == "td")] for tr in rows)}
+
+
+def _expected_zoo() -> set[str]:
+    from timm.models import get_arch_pretrained_cfgs
+
+    return {full for arch in qing.list_models() for full in get_arch_pretrained_cfgs(arch)}
+
+
+def test_model_zoo_lists_the_registry(site: Path) -> None:
+    rows = _zoo_rows(parse_html((site / "models" / "index.html").read_text(encoding="utf-8")))
+    assert set(rows) == _expected_zoo()
+    tiny = qing.create_model(TEST_MODEL)
+    cfg = tiny.pretrained_cfg
+    assert rows[TEST_MODEL][3] == f"{sum(p.numel() for p in tiny.parameters()) / 1e6:.2f} M"
+    assert rows[TEST_MODEL][4] == "×".join(map(str, cfg["input_size"]))
+    assert rows[TEST_MODEL][5] == f"ChestX-ray14 ({len(cfg['label_names'])})"
+    assert rows[TEST_MODEL][6] == cfg["license"]
+
+
+def test_command_line_page_shows_every_subcommand(site: Path) -> None:
+    from qing.cli import build_parser
+
+    page = parse_html((site / "cli" / "index.html").read_text(encoding="utf-8")).text()
+    pending = [(build_parser(), "qing")]
+    while pending:
+        parser, command = pending.pop()
+        assert f"usage: {command}" in page
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert option in page, f"{command} {option} is not on the command-line page"
+            for name, sub in (getattr(action, "choices", None) or {}).items():
+                if isinstance(sub, type(parser)):
+                    pending.append((sub, f"{command} {name}"))
+
+
+def _load_hook(name: str):
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
+    spec = importlib.util.spec_from_file_location(f"docs_hook_{name}", DOCS / "hooks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_page_matches_the_results_files(site: Path) -> None:
+    page = parse_html((site / "benchmarks" / "index.html").read_text(encoding="utf-8")).text()
+    results = REPO_ROOT / "benchmarks" / "results" / "throughput_cpu.json"
+    if results.is_file():
+        for row in json.loads(results.read_text())["rows"]:
+            assert row["model"] in page
+    else:
+        assert "Not measured yet" in page and "benchmarks/results/throughput_cpu.json is absent" in page
+
+
+def test_benchmarks_hook_renders_rows_and_rejects_bad_files(tmp_path: Path) -> None:
+    hook = _load_hook("benchmarks")
+    from mkdocs.exceptions import PluginError
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    row = dict(model="qing_test_tr1", mode="eager", phase="inference", batch=8, images_per_s=123.456)
+    row.update(peak_mem_mib=512.0, ratio_vs_densenet121=4.25)
+    (results / "throughput_cpu.json").write_text(json.dumps({"config": {"threads": 2}, "rows": [row]}))
+    text = hook.benchmarks_markdown(tmp_path)
+    assert "| model | mode | batch | images_per_s | peak_mem_mib | ratio_vs_densenet121 |" in text
+    assert "| qing_test_tr1 | eager | 8 | 123.5 | 512.0 | 4.2 |" in text
+    assert "### inference" in text and "| threads | 2 |" in text and "Not measured yet" not in text
+
+    (results / "throughput_cpu.json").unlink()
+    assert "Not measured yet" in hook.benchmarks_markdown(tmp_path)
+    (results / "broken.json").write_text('{"rows": 3}')
+    with pytest.raises(PluginError, match=r"broken\.json: expected"):
+        hook.benchmarks_markdown(tmp_path)
+
+
+# ---- rendered in a browser --------------------------------------------------------------------
+
+
+def _render(url: str, profile: Path) -> Node:
+    """The DOM Chromium holds once the page and its scripts have run."""
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-extensions", f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "</html>" in result.stdout, result.stderr[-2000:]
+    return parse_html(result.stdout)
+
+
+def _nav_titles(document: Node) -> list[str]:
+    navs = document.find_all(lambda n: n.tag == "nav" and "md-nav--primary" in n.classes)
+    assert navs, "no primary navigation in the page"
+    return [link.text() for link in navs[0].find_all(lambda n: n.tag in ("a", "label") and "md-nav__link" in n.classes)]
+
+
+def test_chromium_renders_home_model_zoo_and_api_page(site: Path, tmp_path: Path) -> None:
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)) and not shutil.which(str(CHROMIUM)):
+        pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium (or set QING_CHROMIUM)")
+    nav_config = yaml.safe_load((REPO_ROOT / "mkdocs.yml").read_text())["nav"]
+    top_titles = [next(iter(item)) for item in nav_config]
+
+    home = _render((site / "index.html").as_uri(), tmp_path / "profile")
+    assert "js" in home.find_all(lambda n: n.tag == "html")[0].classes  # the theme's JavaScript ran
+    assert home.find_all(lambda n: "md-code__button" in n.classes), "no copy button: scripts did not run"
+    titles = _nav_titles(home)
+    assert [t for t in top_titles if t not in titles] == []
+    assert {"Overview", "qing", "qing.models"} <= set(titles)
+    assert home.find_all(lambda n: n.tag == "img" and n.attrs.get("src", "").endswith("assets/architecture.svg"))
+
+    zoo = _render((site / "models" / "index.html").as_uri(), tmp_path / "profile")
+    assert set(_zoo_rows(zoo)) == _expected_zoo()
+    assert "Model zoo" in _nav_titles(zoo)
+
+    api = _render((site / "reference" / "qing" / "index.html").as_uri(), tmp_path / "profile")
+    heading = api.by_id("qing.create_model")
+    assert heading is not None, "qing.create_model is not on the rendered API page"
+    signature = heading.parent.text()
+    assert "create_model( model_name: str, pretrained: bool = False" in signature
+    assert inspect.getdoc(qing.create_model).splitlines()[0].replace("``", "") in signature  # the docstring
+    assert "API reference" in _nav_titles(api)
