@@ -155,17 +155,42 @@ def test_freeze_backbone_counts_trainable_parameters():
     assert trainable() == total
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("name", ["qing_test_tr1", "qing_densenet121_tr2"])
+def test_grad_checkpointing_gives_the_same_gradients(name):
     torch.manual_seed(0)
-    a = qing.create_model("qing_test_tr1", drop_rate=0.0).train()
-    b = qing.create_model("qing_test_tr1", drop_rate=0.0).train()
+    a = qing.create_model(name, drop_rate=0.0).train()
+    b = qing.create_model(name, drop_rate=0.0).train()
     b.load_state_dict(a.state_dict())
     b.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 64, 64)
     a(x).sum().backward()
     b(x).sum().backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5), n
+    b.set_grad_checkpointing(False)
+    assert all("forward" not in m.__dict__ for m in b.modules())
+
+
+def test_densenet_checkpointing_saves_only_layer_outputs():
+    """Whole dense layers are recomputed: far fewer tensors are kept for backward."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    def saved_bytes(model):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(2, 3, 96, 96)).sum()
+        return total
+
+    model = qing.create_model("qing_densenet121_tr2").train()
+    plain = saved_bytes(model)
+    model.set_grad_checkpointing(True)
+    assert saved_bytes(model) < 0.25 * plain
 
 
 def test_group_matcher_orders_backbone_then_encoder_then_head():

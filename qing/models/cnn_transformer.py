@@ -22,23 +22,31 @@ from __future__ import annotations
 
 import inspect
 import re
+from functools import partial
 from typing import Any, Optional, Union
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models import (
-    build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
+    get_pretrained_cfg,
     register_model,
     resolve_pretrained_cfg,
 )
 from timm.models._features import feature_take_indices
+from timm.models.densenet import DenseLayer, DenseNet
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qing.layers import NORM_PLACEMENTS, POS_EMBED_TYPES, EncoderBlock, LearnedPosEmbed, SinCosPosEmbed
 from qing.layers.encoder import LayerNorm
+from qing.weights.chexnet import CHEXNET_FILE, CHEXNET_URL
+from qing.weights.filters import convert_for_hybrid
+from qing.weights.pretrained import build_model_with_weights
+from qing.weights.xrv import XRV_MEAN, XRV_STD, XRV_WEIGHTS
 
 __all__ = ["CXR14_LABELS", "GLOBAL_POOL_TYPES", "ORIGINAL_MEAN", "ORIGINAL_STD", "CNNTransformer"]
 
@@ -119,6 +127,25 @@ def _create_backbone(name: str, *, in_chans: int, final_act: bool, args: dict[st
             raise ValueError(f"backbone_final_act=False: {name!r} has no final norm + activation layer to strip")
         norm_acts[-1].act = nn.Identity()  # e.g. DenseNet's norm5: torchvision's `features` ends before the ReLU
     return backbone
+
+
+def _checkpoint_modules(model: nn.Module, module_type: type[nn.Module], enable: bool) -> None:
+    """Make every ``module_type`` submodule recompute its forward in backward (non-reentrant)."""
+    for module in model.modules():
+        if not isinstance(module, module_type):
+            continue
+        module.__dict__.pop("forward", None)
+        if enable:
+            module.forward = partial(_checkpointed_forward, module)
+
+
+def _checkpointed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = type(module).forward
+    if not module.training or not torch.is_grad_enabled():
+        return forward(module, *args, **kwargs)
+    # recomputation runs later: snapshot list arguments (DenseBlock keeps appending to its feature list)
+    args = tuple(list(a) if isinstance(a, list) else a for a in args)
+    return checkpoint(forward, module, *args, use_reentrant=False, **kwargs)
 
 
 class CNNTransformer(nn.Module):
@@ -280,9 +307,17 @@ class CNNTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute activations in backward (backbone and encoder) to cut training memory."""
+        """Recompute activations in backward (backbone and encoder) to cut training memory.
+
+        Uses the backbone's own timm checkpointing, except for DenseNet, whose timm version only
+        recomputes the bottleneck: there every dense layer is recomputed whole, so each layer
+        keeps just its 32-channel output (training peak memory about halves; see benchmarks/).
+        """
         self.grad_checkpointing = enable
-        self.backbone.set_grad_checkpointing(enable)
+        if isinstance(self.backbone, DenseNet):
+            _checkpoint_modules(self.backbone, DenseLayer, enable)
+        else:
+            self.backbone.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -524,13 +559,20 @@ def _check_kwargs(variant: str, kwargs: dict[str, Any]) -> None:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
+    """Build a registered hybrid; ``pretrained=True`` goes through qing's checked loader.
+
+    See :mod:`qing.weights.pretrained`: weights are found (file, qing weights directory,
+    Hugging Face cache), converted from their format (CheXNet, torchxrayvision, timm backbone,
+    the original hybrid, qing) and verified after loading.
+    """
     _check_kwargs(variant, kwargs)
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     kwargs.setdefault("img_size", tuple(cfg.input_size[-2:]))  # learned position grid follows the weights
-    return build_model_with_cfg(
+    return build_model_with_weights(
         CNNTransformer,
         variant,
         pretrained,
+        convert=convert_for_hybrid,
         feature_cfg=dict(feature_cls="getter", out_indices=None),
         **kwargs,
     )
@@ -555,13 +597,84 @@ def _cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
+_HEAD_NOTE = "Token projection, encoder and head start from random initialization (fine-tune them)."
+
+
+def _timm_cfg(first_conv: str, timm_weights: str, **kwargs: Any) -> dict[str, Any]:
+    """Backbone weights of a timm model on the Hub, with that model's normalization and license."""
+    src = get_pretrained_cfg(timm_weights)
+    return _cfg(
+        first_conv,
+        hf_hub_id=src.hf_hub_id,
+        mean=src.mean,
+        std=src.std,
+        interpolation=src.interpolation,
+        license=src.license or "apache-2.0",
+        origin_url=f"https://huggingface.co/{src.hf_hub_id}",
+        paper_ids=src.paper_ids,
+        description=f"Backbone from timm's {timm_weights} ({src.hf_hub_id}, ImageNet). {_HEAD_NOTE}",
+        **kwargs,
+    )
+
+
+def _chexnet_cfg() -> dict[str, Any]:
+    """DenseNet121 backbone from CheXNet's model.pth.tar (found in the qing weights directory)."""
+    return _cfg(
+        "features.conv0",
+        file=CHEXNET_FILE,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        license="unknown",
+        origin_url=CHEXNET_URL,
+        paper_ids="arXiv:1711.05225",
+        description=(
+            "Backbone from CheXNet (DenseNet121 trained on ChestX-ray14, ImageNet normalization). Not downloadable "
+            f"by qing: place model.pth.tar at $QING_WEIGHTS_DIR/{CHEXNET_FILE} or pass "
+            f"pretrained_cfg_overlay=dict(file=...). No license stated upstream. {_HEAD_NOTE}"
+        ),
+    )
+
+
+def _xrv_cfg() -> dict[str, Any]:
+    """1-channel DenseNet121 backbone from torchxrayvision's densenet121-res224-all weights."""
+    weights = XRV_WEIGHTS["all"]
+    return _cfg(
+        "features.conv0",
+        file=f"xrv/{weights.filename}",
+        input_size=(1, 224, 224),
+        mean=XRV_MEAN,
+        std=XRV_STD,
+        crop_mode="center",
+        license="apache-2.0",
+        origin_url=weights.url,
+        paper_ids="arXiv:2111.00595",
+        description=(
+            f"Backbone from torchxrayvision {weights.name} ({weights.datasets}): one input channel scaled to "
+            f"[-1024, 1024], i.e. mean 0.5 and std 1/2048 on [0, 1]. {_HEAD_NOTE}"
+        ),
+    )
+
+
+# Tags with weights come first; the untagged cfg (the original design's preprocessing, no weights)
+# is listed last with "*" so timm keeps it as each architecture's default.
 default_cfgs = generate_default_cfgs({
-    "qing_densenet121_tr2": _cfg("features.conv0", description="The original CNN-Transformer hybrid design."),
-    "qing_densenet121_tr4": _cfg("features.conv0"),
-    "qing_resnet50_tr2": _cfg("conv1"),
-    "qing_convnext_tiny_tr2": _cfg("stem.0"),
-    "qing_efficientnet_b0_tr2": _cfg("conv_stem"),
-    "qing_test_tr1": _cfg("conv1.0", input_size=(3, 160, 160), pool_size=(5, 5)),
+    "qing_densenet121_tr2.chexnet": _chexnet_cfg(),
+    "qing_densenet121_tr2.tv_in1k": _timm_cfg("features.conv0", "densenet121.tv_in1k"),
+    "qing_densenet121_tr2.xrv_all": _xrv_cfg(),
+    "qing_densenet121_tr2.*": _cfg("features.conv0", description="The original CNN-Transformer hybrid design."),
+    "qing_densenet121_tr4.chexnet": _chexnet_cfg(),
+    "qing_densenet121_tr4.tv_in1k": _timm_cfg("features.conv0", "densenet121.tv_in1k"),
+    "qing_densenet121_tr4.xrv_all": _xrv_cfg(),
+    "qing_densenet121_tr4.*": _cfg("features.conv0"),
+    "qing_resnet50_tr2.a1_in1k": _timm_cfg("conv1", "resnet50.a1_in1k"),
+    "qing_resnet50_tr2.*": _cfg("conv1"),
+    "qing_convnext_tiny_tr2.in12k_ft_in1k": _timm_cfg("stem.0", "convnext_tiny.in12k_ft_in1k"),
+    "qing_convnext_tiny_tr2.fb_in1k": _timm_cfg("stem.0", "convnext_tiny.fb_in1k"),
+    "qing_convnext_tiny_tr2.*": _cfg("stem.0"),
+    "qing_efficientnet_b0_tr2.ra_in1k": _timm_cfg("conv_stem", "efficientnet_b0.ra_in1k"),
+    "qing_efficientnet_b0_tr2.*": _cfg("conv_stem"),
+    "qing_test_tr1.r160_in1k": _timm_cfg("conv1.0", "test_resnet.r160_in1k", input_size=(3, 160, 160), pool_size=(5, 5)),
+    "qing_test_tr1.*": _cfg("conv1.0", input_size=(3, 160, 160), pool_size=(5, 5)),
 })  # fmt: skip
 
 _DENSENET = dict(backbone="densenet121", backbone_final_act=False)
