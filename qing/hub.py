@@ -251,8 +251,9 @@ def _write_model_folder(
         raise ValueError(f"model.qing_meta.task is 'binary' but the model has {num_classes} outputs (expected 1)")
     model_config: dict[str, Any] = {"qing": _jsonable(meta.to_dict(), "model.qing_meta")}
     names = _resolve_label_names(model, label_names)
-    if names:
+    if names:  # top level (timm's convention) and in the pretrained cfg, as a loaded model has them
         model_config["label_names"] = names
+        model_config["pretrained_cfg"] = {"num_classes": num_classes, "label_names": names}
     save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
     if model_card:
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
@@ -547,7 +548,9 @@ def _explain_errors(source: _Source, filename: Optional[str] = None) -> Iterator
 def _cache_miss_message(source: _Source, filename: Optional[str]) -> str:
     cache = source.cache_dir or hf_constants.HF_HUB_CACHE
     what = f"{source.text}" + (f" ({filename})" if filename else "")
-    download = f"`hf download {source.location}" + (f" --revision {source.revision}`" if source.revision else "`")
+    download = f"`hf download {source.location}"
+    download += f" --revision {source.revision}" if source.revision else ""
+    download += f" --cache-dir {source.cache_dir}`" if source.cache_dir else "`"
     fixes = (
         f"go online, download it beforehand with {download} (same cache), "
         "or load a local copy with 'local-dir:PATH' (see qing.save_pretrained)"

@@ -143,7 +143,7 @@ def generate_model_card(
         "> **Not a medical device.** These weights are for research and education. They are not cleared or "
         "approved by any regulator and must not be used to diagnose, treat or triage patients.\n"
     )
-    parts.append(_usage(model_id, task, pretrained_cfg))
+    parts.append(_usage(model_id, task, pretrained_cfg, bool(label_names)))
     parts.append(_labels_section(label_names, num_classes, task, qing))
     parts.append(_preprocessing(pretrained_cfg))
     parts.append(_evaluation(summary, metrics, all_datasets))
@@ -166,19 +166,17 @@ def _default_description(architecture: str, task: Optional[str], num_classes: in
     )
 
 
-def _usage(model_id: str, task: Optional[str], pretrained_cfg: Mapping[str, Any]) -> str:
+def _usage(model_id: str, task: Optional[str], pretrained_cfg: Mapping[str, Any], has_labels: bool) -> str:
     mode = "L" if int((pretrained_cfg.get("input_size") or (3,))[0]) == 1 else "RGB"
+    names = 'model.pretrained_cfg["label_names"]' if has_labels else "[str(i) for i in range(model.num_classes)]"
     if task == "multiclass":
-        decide = (
-            "probs = logits.softmax(dim=-1)[0]\n"
-            'print(model.pretrained_cfg["label_names"][int(probs.argmax())], probs.max().item())'
-        )
+        decide = f"probs = logits.softmax(dim=-1)[0]\nprint({names}[int(probs.argmax())], probs.max().item())"
     else:
         comment = "  # one sigmoid per output" + ("" if task else " (use softmax if the labels are exclusive)")
         decide = (
             f"probs = logits.sigmoid()[0]{comment}\n"
             "thresholds = model.qing_meta.thresholds or [0.5] * model.num_classes\n"
-            'for name, p, t in zip(model.pretrained_cfg["label_names"], probs.tolist(), thresholds):\n'
+            f"for name, p, t in zip({names}, probs.tolist(), thresholds):\n"
             "    print(f\"{name}: {p:.3f} ({'positive' if p >= t else 'negative'} at threshold {t:.3f})\")"
         )
     return (

@@ -76,7 +76,7 @@ def test_save_pretrained_writes_timm_folder_and_loads_back(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "qing_test_tr1"
     assert config["num_classes"] == 1
-    assert config["label_names"] == ["Pneumonia"]
+    assert config["label_names"] == config["pretrained_cfg"]["label_names"] == ["Pneumonia"]
     assert config["model_args"]["num_classes"] == 1
     cfg = config["pretrained_cfg"]
     assert cfg["mean"] == [0.485] * 3 and cfg["std"] == [0.229] * 3 and cfg["input_size"] == [3, 160, 160]
@@ -224,13 +224,25 @@ def test_local_dir_errors(tmp_path):
         qing.create_model(f"local-dir:{folder}")
 
 
-def test_new_head_drops_thresholds_and_metrics(tmp_path, caplog):
+def test_new_head_drops_head_metadata_and_no_weights_is_logged(tmp_path, caplog):
     folder = save_pretrained(_binary_model(), tmp_path / "m", label_names=["Pneumonia"])
     with caplog.at_level(logging.WARNING, logger="qing.hub"):
         model = qing.create_model(f"local-dir:{folder}", pretrained=True, num_classes=3)
     assert model.num_classes == 3
     assert model.qing_meta == ModelMeta(datasets=["cxr-pneumonia-200"])
-    assert "dropped qing metadata thresholds, threshold_method, metrics, task" in caplog.text
+    assert (
+        f"local model folder {folder} was saved with 1 outputs, the model has 3: dropped qing metadata " in caplog.text
+    )
+    assert "thresholds, threshold_method, metrics, task (it described the old head)" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qing.hub"):
+        bare = qing.create_model(f"local-dir:{folder}")  # architecture only, like timm
+    assert not hasattr(bare, "qing_meta")
+    assert caplog.messages == [
+        f"built the qing_test_tr1 architecture from local model folder {folder} without its weights "
+        "(pretrained=False); pass pretrained=True or use qing.from_pretrained to load them"
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +269,9 @@ def test_push_and_pull_round_trip(hub, tmp_path):
     assert pulled.pretrained_cfg["label_names"] == ["Pneumonia"]
     plain = timm.create_model(f"hf-hub:{REPO}", pretrained=True)
     assert torch.equal(_logits(plain), _logits(model))
+    again = save_pretrained(pulled, tmp_path / "again", license="cc-by-4.0", repo_id=REPO)
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert (again / name).read_bytes() == remote[name], name  # a pulled model saves back identically
 
     info = HfApi().model_info(REPO)
     assert info.sha == commit.oid and info.library_name == "timm" and "chest-x-ray" in info.tags
@@ -291,12 +306,14 @@ def test_revision_pinning(hub):
     assert len({c1.oid, c2.oid, c3.oid}) == 3
     assert [c.title for c in HfApi().list_repo_commits(REPO)] == ["second", "first", "initial commit"]
 
-    expected = {c1.oid: first, c2.oid: second, "main": second, c3.oid: branch, "experiment": branch}
-    for revision, model in expected.items():
+    ref = {name: _logits(m) for name, m in (("first", first), ("second", second), ("branch", branch))}
+    assert not torch.equal(ref["first"], ref["second"]) and not torch.equal(ref["second"], ref["branch"])
+    expected = {c1.oid: "first", c2.oid: "second", "main": "second", c3.oid: "branch", "experiment": "branch"}
+    for revision, name in expected.items():
         pinned = qing.create_model(f"hf-hub:{REPO}@{revision}", pretrained=True)
-        assert torch.equal(_logits(pinned), _logits(model)), revision
-    assert torch.equal(_logits(from_pretrained(REPO, revision=c1.oid)), _logits(first))
-    assert torch.equal(_logits(timm.create_model(f"hf-hub:{REPO}@{c1.oid}", pretrained=True)), _logits(first))
+        assert torch.equal(_logits(pinned), ref[name]), revision
+    assert torch.equal(_logits(from_pretrained(REPO, revision=c1.oid)), ref["first"])
+    assert torch.equal(_logits(timm.create_model(f"hf-hub:{REPO}@{c1.oid}", pretrained=True)), ref["first"])
     card = hub.files(REPO, "experiment")["README.md"].decode()
     assert f'qing.create_model("hf-hub:{REPO}@experiment", pretrained=True)' in card
 
