@@ -131,8 +131,8 @@ def test_attention_figure_grayscale_model(tmp_path):
     gray = qing.create_model("qing_test_tr1", num_classes=1, in_chans=1)
     x = torch.randn(1, 64, 96)
     path = explain.save_attention_figure(gray, x, tmp_path / "explain.png")
-    # 4 heads -> 4 columns of 2.0 in, (1 block + 1) rows of 2.1 in, 100 dpi
-    _assert_real_png(path, (800, 420))
+    # 4 heads -> 4 columns of 2.0 in, (1 block + 1) rows of 2.1 in + 0.45 in title, 100 dpi
+    _assert_real_png(path, (800, 465))
     assert explain.attention_maps(gray, x[None]).shape == (1, 1, 4, 2, 3)
     with pytest.raises(
         ValueError, match=re.escape("save_attention_figure takes one image (C, H, W), got shape [2, 1, 64, 96]")
@@ -150,5 +150,5 @@ def test_overlays_on_real_chest_xrays(model, pneumonia_200, tmp_path):
         pictures.append(torch.from_numpy(arr).permute(2, 0, 1))
     images = (torch.stack(pictures) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     path = explain.save_attention_overlays(model, images, tmp_path / "attention.png", titles=[f.name for f in files])
-    _assert_real_png(path, (660, 460))
-    _assert_real_png(explain.save_feature_maps_figure(model, images, tmp_path / "fm.png", n=4), (800, 565))
+    _assert_real_png(path, (660, 505))
+    _assert_real_png(explain.save_feature_maps_figure(model, images, tmp_path / "fm.png", n=4), (800, 570))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -144,7 +144,7 @@ def _sections(
     *,
     figures: Mapping[str, str],
     n_shown: int,
-    bad_files: Sequence[BadFile],
+    bad_files: Iterable[BadFile],
     attention_method: str,
 ) -> list[tuple[str, list[Block]]]:
     """The report's content, independent of the output format."""
@@ -174,6 +174,8 @@ def _sections(
         sections.append(("Attention maps", [("text", attention_text), ("image", figures["attention"], "attention")]))
         features_text = "The most active channels of the backbone's last feature map for each image."
         sections.append(("CNN feature maps", [("text", features_text), ("image", figures["features"], "feature maps")]))
+    if hasattr(bad_files, "to_list"):  # qing.data.BadFileLog
+        bad_files = bad_files.to_list()
     bad = [_bad_file_line(item) for item in bad_files]
     skipped: list[Block] = [("list", bad)] if bad else [("text", "No input file was skipped.")]
     sections.append((f"Skipped files ({len(bad)})", skipped))
@@ -255,7 +257,7 @@ def write_report(
     images: Any = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
-    bad_files: Sequence[BadFile] = (),
+    bad_files: Iterable[BadFile] = (),
     title: str = "",
     attention_method: str = "rollout",
 ) -> Path:
@@ -285,8 +287,8 @@ def write_report(
         images: Normalized input images ``(B, C, H, W)`` for those figures.
         mean: Normalization mean of ``images`` (default ``model.pretrained_cfg["mean"]``).
         std: Normalization std of ``images`` (default ``model.pretrained_cfg["std"]``).
-        bad_files: Skipped unreadable inputs: paths, ``(path, reason)`` pairs or
-            ``{"path", "reason"}`` mappings.
+        bad_files: Skipped unreadable inputs: a ``qing.data.BadFileLog``, or paths,
+            ``(path, reason)`` pairs or ``{"path", "reason"}`` mappings.
         title: Report title (default "qing evaluation report").
         attention_method: ``"rollout"`` or ``"last"`` for ``attention.png``.
 
