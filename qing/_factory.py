@@ -41,12 +41,15 @@ def _check_model_name(model_name: str) -> None:
         raise ValueError(
             f"unknown model {arch!r}"
             + (f"; did you mean {', '.join(close)}?" if close else "")
-            + " See qing.list_models()."
+            + f" qing models: {', '.join(list_models())} (any timm model name works too)."
         )
     if tag:
-        known = sorted(t for t in get_arch_pretrained_cfgs(arch) if t)
+        known = [t for t in (split_model_name_tag(n)[1] for n in get_arch_pretrained_cfgs(arch)) if t]
         if tag not in known:
-            raise ValueError(f"unknown tag {tag!r} for {arch}; known tags: {', '.join(known) or 'none'}")
+            raise ValueError(
+                f"unknown tag {tag!r} for {arch}; known tags: {', '.join(known) or 'none'}"
+                + (f" (e.g. {arch}.{known[0]}); see qing.list_pretrained()" if known else "")
+            )
 
 
 @handle_model_sources

@@ -655,6 +655,8 @@ def _xrv_cfg() -> dict[str, Any]:
     )
 
 
+_TEST_INPUT = dict(input_size=(3, 160, 160), pool_size=(5, 5))
+
 # Tags with weights come first; the untagged cfg (the original design's preprocessing, no weights)
 # is listed last with "*" so timm keeps it as each architecture's default.
 default_cfgs = generate_default_cfgs({
@@ -673,8 +675,8 @@ default_cfgs = generate_default_cfgs({
     "qing_convnext_tiny_tr2.*": _cfg("stem.0"),
     "qing_efficientnet_b0_tr2.ra_in1k": _timm_cfg("conv_stem", "efficientnet_b0.ra_in1k"),
     "qing_efficientnet_b0_tr2.*": _cfg("conv_stem"),
-    "qing_test_tr1.r160_in1k": _timm_cfg("conv1.0", "test_resnet.r160_in1k", input_size=(3, 160, 160), pool_size=(5, 5)),
-    "qing_test_tr1.*": _cfg("conv1.0", input_size=(3, 160, 160), pool_size=(5, 5)),
+    "qing_test_tr1.r160_in1k": _timm_cfg("conv1.0", "test_resnet.r160_in1k", **_TEST_INPUT),
+    "qing_test_tr1.*": _cfg("conv1.0", **_TEST_INPUT),
 })  # fmt: skip
 
 _DENSENET = dict(backbone="densenet121", backbone_final_act=False)

@@ -5,19 +5,38 @@ The original module's state dict (``../shared/DESIGN.md`` item 8) holds the Dens
 buffer, sequence-first ``nn.MultiheadAttention`` weights and a ``classifier.{0,3}`` head.
 ``convert_original_hybrid`` maps it onto ``qing_densenet121_tr2`` so that
 ``sigmoid(qing logits)`` equals the original output.
+
+Migrating a trained model (the original script saved ``torch.save(model.state_dict(), path)``)::
+
+    import qing
+    from qing.weights import load_original_hybrid_file
+
+    converted = load_original_hybrid_file("best_model.pth")  # label_names=["PNEUMONIA"] by default
+    model = converted.create_model().eval()   # qing_densenet121_tr2, the original preprocessing
+    qing.save_pretrained(model, "my-model")    # safetensors + config.json from now on
+
+``converted.pretrained_cfg`` records the original preprocessing (``Resize((224, 224))`` squash,
+bilinear, ``mean=(0.485,) * 3``, ``std=(0.229,) * 3``) and the label names, so
+``timm.data.resolve_data_config(model=model)`` rebuilds the exact input pipeline.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 
 from qing.layers.pos_embed import sincos_table
 
-__all__ = ["convert_original_hybrid", "is_original_hybrid"]
+__all__ = ["ORIGINAL_LABEL_NAMES", "convert_original_hybrid", "is_original_hybrid", "original_label_names"]
+
+#: Label of the original binary (normal vs pneumonia) model's single output.
+ORIGINAL_LABEL_NAMES = ("PNEUMONIA",)
+
+_logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"^transformer_encoder\.layers\.(\d+)\.(.+)$")
 _LAYER_RENAMES = {
@@ -113,3 +132,19 @@ def convert_original_hybrid(state_dict: Mapping[str, torch.Tensor]) -> tuple[dic
         mlp_dim=out["blocks.0.mlp.fc1.weight"].shape[0],
     )
     return out, kwargs
+
+
+def original_label_names(num_classes: int, label_names: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+    """Label names of a converted original model: given, ``("PNEUMONIA",)`` for one output, else ``class_<i>``.
+
+    Raises:
+        ValueError: ``label_names`` of the wrong length.
+    """
+    if label_names is not None:
+        if len(label_names) != num_classes:
+            raise ValueError(f"{len(label_names)} label_names for a checkpoint with {num_classes} outputs")
+        return tuple(str(n) for n in label_names)
+    if num_classes == 1:
+        return ORIGINAL_LABEL_NAMES
+    _logger.warning("original checkpoint with %d outputs and no label_names: naming them class_0..", num_classes)
+    return tuple(f"class_{i}" for i in range(num_classes))

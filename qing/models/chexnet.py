@@ -1,0 +1,125 @@
+"""Plain DenseNet121 chest X-ray classifiers: CheXNet and torchxrayvision's DenseNet, in the zoo.
+
+These are the classic baselines qing's hybrids are compared with. Both are timm's
+``DenseNet`` (``densenet121`` layout), so they have timm's full model contract; qing only
+registers them with CXR pretrained cfgs and converts the original checkpoints on load.
+``forward`` returns logits (no sigmoid): ``torch.sigmoid(model(x))`` is CheXNet's output.
+
+- ``qing_chexnet_densenet121``: CheXNet (Rajpurkar et al. 2017; the arnoweng/CheXNet
+  reimplementation's ``model.pth.tar``), 3-channel ImageNet-normalized input, the 14
+  ChestX-ray14 labels. The file cannot be downloaded automatically: put it at
+  ``$QING_WEIGHTS_DIR/chexnet/model.pth.tar`` (default ``~/.cache/qing/weights``) or pass
+  ``pretrained_cfg_overlay=dict(file=...)``.
+- ``qing_xrv_densenet121``: torchxrayvision's DenseNet121 (Cohen et al. 2022), 1-channel input
+  scaled to ``[-1024, 1024]`` (``mean=0.5, std=1/2048`` on ``[0, 1]``), 18 outputs whose names
+  are empty where a weight set was not trained, and the weights' operating points as
+  ``model.qing_meta.thresholds``. Tags ``all``, ``nih``, ``pc``, ``chex``, ``rsna``,
+  ``mimic_nb``, ``mimic_ch``; the release files are pickled modules, so they need
+  ``QING_TRUST_PICKLE=1`` once (or convert them with :func:`qing.weights.load_checkpoint_file`).
+
+Example:
+    >>> import qing
+    >>> model = qing.create_model("qing_chexnet_densenet121")  # pretrained=True needs model.pth.tar
+    >>> model.num_classes, model.pretrained_cfg["label_names"][6]
+    (14, 'Pneumonia')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
+from timm.models.densenet import DenseNet
+
+from qing.weights.chexnet import CHEXNET_FILE, CHEXNET_LABELS, CHEXNET_URL
+from qing.weights.filters import convert_for_densenet
+from qing.weights.pretrained import build_model_with_weights
+from qing.weights.xrv import XRV_MEAN, XRV_STD, XRV_WEIGHTS, thresholds_from_op_threshs
+
+__all__ = ["XRV_TAG_THRESHOLDS"]
+
+_DENSENET121 = dict(growth_rate=32, block_config=(6, 12, 24, 16))
+
+#: Operating points of each ``qing_xrv_densenet121`` tag, as probability thresholds.
+XRV_TAG_THRESHOLDS = {tag: thresholds_from_op_threshs(w.op_threshs) for tag, w in XRV_WEIGHTS.items()}
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "interpolation": "bilinear",
+        "first_conv": "features.conv0",
+        "classifier": "classifier",
+        **kwargs,
+    }
+
+
+def _xrv_cfg(tag: str) -> dict[str, Any]:
+    weights = XRV_WEIGHTS[tag]
+    return _cfg(
+        file=f"xrv/{weights.filename}",
+        input_size=(1, 224, 224),
+        mean=XRV_MEAN,
+        std=XRV_STD,
+        crop_pct=1.0,
+        crop_mode="center",
+        num_classes=len(weights.labels),
+        label_names=weights.labels,
+        license="apache-2.0",
+        origin_url=weights.url,
+        paper_ids="arXiv:2111.00595",
+        description=(
+            f"torchxrayvision {weights.name}, trained on {weights.datasets}. Input: one channel scaled to "
+            "[-1024, 1024] (mean 0.5, std 1/2048 on [0, 1]); outputs with an empty name were not trained. "
+            "Thresholds: torchxrayvision's op_threshs."
+        ),
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "qing_chexnet_densenet121.chexnet": _cfg(
+        file=CHEXNET_FILE,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        crop_pct=0.875,
+        crop_mode="center",
+        num_classes=len(CHEXNET_LABELS),
+        label_names=CHEXNET_LABELS,
+        license="unknown",
+        origin_url=CHEXNET_URL,
+        paper_ids="arXiv:1711.05225",
+        description=(
+            "CheXNet (DenseNet121 on ChestX-ray14, 14 labels), the arnoweng/CheXNet model.pth.tar: "
+            "ImageNet normalization, Resize(256) then 224 crops as in its evaluation. The file is not "
+            "downloadable by qing: place it at $QING_WEIGHTS_DIR/chexnet/model.pth.tar. No license stated upstream."
+        ),
+    ),
+    **{f"qing_xrv_densenet121.{tag}": _xrv_cfg(tag) for tag in XRV_WEIGHTS},
+})  # fmt: skip
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> DenseNet:
+    return build_model_with_weights(
+        DenseNet,
+        variant,
+        pretrained,
+        convert=convert_for_densenet,
+        feature_cfg=dict(flatten_sequential=True),
+        tag_thresholds=XRV_TAG_THRESHOLDS if variant == "qing_xrv_densenet121" else None,
+        task="multilabel",
+        **kwargs,
+    )
+
+
+@register_model
+def qing_chexnet_densenet121(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """CheXNet: DenseNet121 with 14 ChestX-ray14 outputs (logits), ImageNet-normalized RGB input."""
+    return _create("qing_chexnet_densenet121", pretrained, **dict(_DENSENET121, **kwargs))
+
+
+@register_model
+def qing_xrv_densenet121(pretrained: bool = False, **kwargs: Any) -> DenseNet:
+    """torchxrayvision DenseNet121: 1-channel input in [-1024, 1024], 18 outputs (logits), op_threshs as thresholds."""
+    return _create("qing_xrv_densenet121", pretrained, **dict(_DENSENET121, **kwargs))

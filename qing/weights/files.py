@@ -1,0 +1,198 @@
+"""Reading checkpoint files safely: safetensors or ``torch.load(weights_only=True)``, clear errors.
+
+Every checkpoint qing reads goes through :func:`read_checkpoint`. PyTorch pickles are opened
+with ``weights_only=True``, which only rebuilds tensors and plain containers; a file that needs
+other Python objects (a pickled ``nn.Module``, a custom class) is refused with
+:class:`UnsafeCheckpointError` unless the caller opts in with ``trust_pickle=True`` or the
+environment variable ``QING_TRUST_PICKLE=1``. Unpickling such a file can run arbitrary code:
+opt in only for files from a source you trust, and re-save them as safetensors
+(:func:`qing.weights.load_checkpoint_file` + ``qing.save_pretrained``) so nobody has to again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TRUST_PICKLE_ENV",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "read_checkpoint",
+    "read_state_dict",
+    "trust_pickle_enabled",
+    "unwrap_state_dict",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: Environment variable that opts in to full unpickling (``1``/``true``/``yes``).
+TRUST_PICKLE_ENV = "QING_TRUST_PICKLE"
+
+#: Keys under which training scripts nest the model weights, most specific first.
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "model_state_dict", "state_dict", "model", "net", "weights")
+
+_GLOBAL_NAME = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, corrupt, or of an unexpected layout."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A PyTorch pickle that needs arbitrary unpickling; refused unless explicitly trusted."""
+
+
+def trust_pickle_enabled(trust_pickle: Optional[bool] = None) -> bool:
+    """Whether full unpickling is allowed: ``trust_pickle`` if given, else ``$QING_TRUST_PICKLE``."""
+    if trust_pickle is not None:
+        return bool(trust_pickle)
+    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Sniff the safetensors layout: an 8-byte little-endian header length, then a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+    return CheckpointError(
+        f"cannot read checkpoint {path}: the file looks truncated or corrupt ({detail}). "
+        "Expected a PyTorch checkpoint written by torch.save or a .safetensors file; "
+        "download or copy it again."
+    )
+
+
+def _unsafe(path: Path, names: list[str]) -> UnsafeCheckpointError:
+    found = ", ".join(names) if names else "Python objects that are not tensors or plain containers"
+    return UnsafeCheckpointError(
+        f"refusing to unpickle {path}: it contains {found}. qing loads checkpoints with "
+        "torch.load(weights_only=True) because unpickling other objects can run arbitrary code. "
+        f"If you trust the source of this file, opt in explicitly with trust_pickle=True "
+        f"(e.g. qing.weights.load_checkpoint_file(path, trust_pickle=True)) or the environment variable "
+        f"{TRUST_PICKLE_ENV}=1, then save the converted model as safetensors with qing.save_pretrained."
+    )
+
+
+def _unsafe_globals(path: Path, err: BaseException) -> Optional[list[str]]:
+    """Names of the non-allowlisted globals, or ``None`` when the error is not about globals."""
+    names: list[str] = []
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy (non-zip) files cannot be scanned; fall back to the message
+        names = []
+    if names:
+        return names
+    names = [n for n in _GLOBAL_NAME.findall(str(err)) if _DOTTED_NAME.match(n)]
+    return names or None
+
+
+def read_checkpoint(path: Union[str, Path], *, trust_pickle: Optional[bool] = None) -> Any:
+    """Read a checkpoint file without running arbitrary code.
+
+    ``.safetensors`` files (recognized by content, not name) load with ``safetensors``; anything
+    else with ``torch.load(map_location="cpu", weights_only=True)``, which reads both the zip
+    format and the legacy pre-1.6 format (e.g. CheXNet's ``model.pth.tar``).
+
+    Args:
+        path: The file.
+        trust_pickle: Allow full unpickling for files that need it (arbitrary code execution).
+            ``None`` reads the environment variable ``QING_TRUST_PICKLE``.
+
+    Returns:
+        Whatever the file holds: a state dict, a training checkpoint dict, or (trusted pickles
+        only) an ``nn.Module``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        UnsafeCheckpointError: The file needs arbitrary unpickling and was not trusted.
+        CheckpointError: The file is empty, truncated or not a checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        where = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint file {path} {where}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:
+            raise _corrupt(path, err) from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = _unsafe_globals(path, err)
+        if names is None:
+            raise _corrupt(path, err) from err
+        if not trust_pickle_enabled(trust_pickle):
+            raise _unsafe(path, names) from err
+    except Exception as err:  # zip reader errors, EOFError, KeyError from garbage, ...
+        raise _corrupt(path, err) from err
+    _logger.warning("Unpickling %s with weights_only=False (trusted by the caller): it may run code", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"cannot unpickle trusted checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_state_dict(checkpoint: Any, *, source: Union[str, Path] = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights inside what :func:`read_checkpoint` returned.
+
+    Accepts a plain state dict, a training checkpoint that nests it (under ``state_dict``,
+    ``model_state_dict``, ``model``, ... as in ``{"epoch": 3, "state_dict": ..., "optimizer": ...}``),
+    or a trusted, unpickled ``nn.Module``. Non-tensor entries are ignored.
+
+    Args:
+        checkpoint: The loaded object.
+        source: Name used in error messages (usually the file path).
+
+    Returns:
+        ``{name: tensor}`` with the original key names (prefixes such as ``module.`` are kept).
+
+    Raises:
+        CheckpointError: No tensors found.
+    """
+    if isinstance(checkpoint, nn.Module):
+        return dict(checkpoint.state_dict())
+    if isinstance(checkpoint, Mapping):
+        for key in STATE_DICT_KEYS:
+            inner = checkpoint.get(key)
+            if isinstance(inner, nn.Module):
+                return dict(inner.state_dict())
+            if _is_tensor_mapping(inner):
+                return dict(inner)
+        tensors = {k: v for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+        keys = ", ".join(map(str, list(checkpoint)[:10]))
+        raise CheckpointError(
+            f"{source} holds no model weights: a dict with keys [{keys}] and no tensor state dict "
+            f"(looked for a state dict at the top level and under {', '.join(STATE_DICT_KEYS)})"
+        )
+    raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not model weights (a dict of tensors)")
+
+
+def read_state_dict(path: Union[str, Path], *, trust_pickle: Optional[bool] = None) -> dict[str, torch.Tensor]:
+    """:func:`read_checkpoint` followed by :func:`unwrap_state_dict`."""
+    return unwrap_state_dict(read_checkpoint(path, trust_pickle=trust_pickle), source=Path(path))
