@@ -215,8 +215,9 @@ def _read_sources(cfg: DataConfig) -> tuple[dict[str, _Raw], str, bool, Optional
             patient_regex=regex,
             split_column=cfg.split_column,
         )
+        multilabel_names = None if cfg.label_column else names
         if not cfg.split_column:
-            return {"all": [(r.path, r.labels, r.patient) for r in rows]}, f"{cfg.labels_csv}", True, names
+            return {"all": [(r.path, r.labels, r.patient) for r in rows]}, f"{cfg.labels_csv}", True, multilabel_names
         splits: dict[str, _Raw] = {}
         for r in rows:
             split = _SPLIT_NAMES.get(r.split.lower()) if r.split else None
@@ -226,7 +227,7 @@ def _read_sources(cfg: DataConfig) -> tuple[dict[str, _Raw], str, bool, Optional
                     f"expected one of {sorted(_SPLIT_NAMES)}"
                 )
             splits.setdefault(split, []).append((r.path, r.labels, r.patient))
-        return splits, f"{cfg.labels_csv}", False, (None if cfg.label_column else names)
+        return splits, f"{cfg.labels_csv}", False, multilabel_names
 
     splits, names = {}, None
     for name, list_file in (("train", cfg.train_list), ("val", cfg.val_list), ("test", cfg.test_list)):

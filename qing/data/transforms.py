@@ -60,7 +60,7 @@ def _fit_channels(values: Sequence[float], channels: int, name: str) -> tuple[fl
     if len(values) == channels:
         return values
     if channels == 1:
-        return (sum(values) / len(values),)
+        return values[:1] if len(set(values)) == 1 else (sum(values) / len(values),)
     if len(values) == 1:
         return values * channels
     raise ValueError(f"{name} has {len(values)} values for {channels} input channels")
