@@ -86,10 +86,13 @@ def test_default_cfg_and_heads(name):
     cfg = model.pretrained_cfg
     state_dict = model.state_dict()
     x = _input(model)
-    tokens = model.forward_features(x)
-    grid = (x.shape[-2] // model.feat_stride) * (x.shape[-1] // model.feat_stride)
-    assert tokens.shape == (1, 1 + grid, model.num_features)
-    assert model.forward_head(tokens, pre_logits=True).shape == (1, model.head_hidden_size)
+    features = model.forward_features(x)
+    if isinstance(model, qing.CNNTransformer):
+        grid = (x.shape[-2] // model.feat_stride) * (x.shape[-1] // model.feat_stride)
+        assert features.shape == (1, 1 + grid, model.num_features)  # tokens, class token first
+    else:  # the plain CNN baselines in the zoo keep timm's CNN contract
+        assert features.shape[:2] == (1, model.num_features) and features.ndim == 4
+    assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
 
     assert cfg["classifier"] + ".weight" in state_dict
     assert cfg["first_conv"] + ".weight" in state_dict
@@ -102,7 +105,7 @@ def test_default_cfg_and_heads(name):
     model.reset_classifier(5)
     assert model(x).shape == (1, 5) and model.get_classifier().out_features == 5
     model.reset_classifier(0, "")
-    assert model(x).shape == tokens.shape
+    assert model(x).shape == features.shape
     headless = qing.create_model(name, num_classes=0).eval()
     assert headless(x).shape == (1, headless.num_features)
 
@@ -115,14 +118,18 @@ def test_forward_intermediates(name):
     with torch.no_grad():
         final, feats = model.forward_intermediates(x)
         only = model.forward_intermediates(x, intermediates_only=True)
-        nhwc = model.forward_intermediates(x, indices=2, output_fmt="NHWC", intermediates_only=True)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
         assert torch.equal(final, model.forward_features(x))
         assert torch.allclose(model.forward_head(final), model(x))
-    assert len(feats) == len(only) == len(info.channels()) == model._num_backbone_levels + len(model.blocks)
+    assert len(feats) == len(only) == len(info.channels())
     for c, r, f, o in zip(info.channels(), info.reduction(), feats, only):
         assert f.shape[1] == c and f.shape[-1] == math.ceil(x.shape[-1] / r)
         assert torch.equal(f, o)
-    assert [t.shape[-1] for t in nhwc] == info.channels()[-2:]
+    assert [t.shape[1] for t in last_two] == info.channels()[-2:]
+    if isinstance(model, qing.CNNTransformer):
+        assert len(feats) == model._num_backbone_levels + len(model.blocks)
+        nhwc = model.forward_intermediates(x, indices=2, output_fmt="NHWC", intermediates_only=True)
+        assert [t.shape[-1] for t in nhwc] == info.channels()[-2:]
 
 
 @pytest.mark.parametrize("name", MODELS)
