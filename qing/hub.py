@@ -6,7 +6,7 @@ A saved model is a folder (or a Hub repo) of three files:
 - ``config.json``: timm's config (``architecture``, ``num_classes``, ``label_names``, ``model_args``,
   ``pretrained_cfg`` with ``mean``/``std``/``input_size``), plus ``model.qing_meta`` (task, decision
   thresholds, metrics, datasets) under the ``"qing"`` key;
-- ``README.md``: a model card (see :mod:`qing.model_card`).
+- ``README.md``: a model card (see [qing.model_card][]).
 
 Writing goes through timm's ``save_for_hf`` and ``huggingface_hub.HfApi``; reading through timm's own
 ``hf-hub:`` / ``local-dir:`` sources, so a pushed model also loads with plain
@@ -59,22 +59,16 @@ from torch import nn
 from qing.meta import ModelMeta, get_meta
 from qing.model_card import generate_model_card
 
-__all__ = [
-    "CARD_NAME",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "ModelSourceNotFoundError",
-    "from_pretrained",
-    "handle_model_sources",
-    "push_to_hub",
-    "save_pretrained",
-]
+__all__ = ["ModelSourceNotFoundError", "from_pretrained", "push_to_hub", "save_pretrained"]
 
 _logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+"""File name of the weights in a saved model folder."""
 CONFIG_NAME = "config.json"
+"""File name of the timm config (with qing's metadata under ``"qing"``)."""
 CARD_NAME = "README.md"
+"""File name of the model card."""
 _RESERVED = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 # Files timm's ``local-dir:`` loader accepts as weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pth.tar")
@@ -124,7 +118,7 @@ def save_pretrained(
             written before the rename so they appear atomically with the model (e.g. training state).
         **card_fields: Model card fields: ``title``, ``description``, ``license``, ``datasets``,
             ``tags``, ``base_model``, ``limitations``, ``citation`` (see
-            :func:`qing.model_card.generate_model_card`).
+            [generate_model_card][qing.model_card.generate_model_card]).
 
     Returns:
         The folder path.
@@ -174,7 +168,7 @@ def push_to_hub(
 ) -> str:
     """Upload a model to a Hugging Face Hub repo in one commit; create the repo (and branch) if needed.
 
-    The files are those of :func:`save_pretrained`, built with timm's ``save_for_hf`` and uploaded
+    The files are those of [save_pretrained][qing.hub.save_pretrained], built with timm's ``save_for_hf`` and uploaded
     with ``huggingface_hub.HfApi.upload_folder`` (timm's ``push_to_hf_hub`` does the same but writes
     its own generic card). Files that did not change are not re-uploaded; other files already in the
     repo are kept.
@@ -186,10 +180,10 @@ def push_to_hub(
         private: Create the repo as private (ignored if it exists).
         token: Hub token; default: ``HF_TOKEN`` or the one saved by ``hf auth login``.
         commit_message: Commit title.
-        label_names: See :func:`save_pretrained`.
-        data_config: See :func:`save_pretrained`.
+        label_names: See [save_pretrained][qing.hub.save_pretrained].
+        data_config: See [save_pretrained][qing.hub.save_pretrained].
         model_card: Write ``README.md`` (replacing the repo's); ``False`` leaves the repo's card alone.
-        **card_fields: Model card fields, see :func:`save_pretrained`.
+        **card_fields: Model card fields, see [save_pretrained][qing.hub.save_pretrained].
 
     Returns:
         The commit: a ``str`` (its URL) whose ``.oid`` is the commit sha, which pins this exact
@@ -410,15 +404,15 @@ class _Source:
         return f"Hub repo {self.location!r}" + (f" at revision {self.revision!r}" if self.revision else "")
 
 
-F = TypeVar("F", bound=Callable[..., nn.Module])
+_F = TypeVar("_F", bound=Callable[..., nn.Module])
 
 
-def handle_model_sources(create_model_fn: F) -> F:
+def handle_model_sources(create_model_fn: _F) -> _F:
     """Decorate ``create_model`` so ``hf-hub:`` / ``local-dir:`` names fail clearly and restore ``qing_meta``.
 
     For a source name, the wrapped function first reads the source's ``config.json`` (turning
     missing repos, revisions, files, folders and offline cache misses into
-    :class:`ModelSourceNotFoundError` messages that say how to fix them), checks that the
+    [ModelSourceNotFoundError][qing.hub.ModelSourceNotFoundError] messages that say how to fix them), checks that the
     architecture is registered and the ``"qing"`` metadata is valid, then calls ``create_model_fn``.
     With ``pretrained=True`` it sets ``model.qing_meta`` from the config; with ``pretrained=False``
     it logs that only the architecture was built. Other names pass straight through.

@@ -17,8 +17,8 @@ from huggingface_hub import EvalResult, ModelCardData
 
 __all__ = ["BASE_TAGS", "generate_model_card"]
 
-#: Tags on every card; ``tags=`` adds to them.
 BASE_TAGS = ("timm", "image-classification", "chest-x-ray", "medical-imaging", "qing")
+"""Hub tags on every card; ``tags=`` adds to them."""
 
 _QING_URL = "https://github.com/qing-cxr/qing"
 
@@ -89,7 +89,7 @@ def generate_model_card(
         license: License id of the weights (Hub ids such as ``"apache-2.0"``, ``"cc-by-nc-4.0"``, ``"other"``);
             default: the pretrained cfg's ``license``, else ``"other"``. Match your training data's terms.
         datasets: Training datasets, added to the metadata's ``datasets``.
-        tags: Extra Hub tags, added to :data:`BASE_TAGS` and the task.
+        tags: Extra Hub tags, added to [BASE_TAGS][qing.model_card.BASE_TAGS] and the task.
         base_model: Hub id of the weights these were fine-tuned from, if any.
         limitations: Extra bullet points for "Intended use and limitations".
         citation: BibTeX shown under "Citation".
