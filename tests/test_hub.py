@@ -18,6 +18,7 @@ from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 import qing
+from qing.evaluate.metrics import compute_metrics
 from qing.hub import ModelSourceNotFoundError, from_pretrained, push_to_hub, save_pretrained
 from qing.meta import ModelMeta, set_meta
 
@@ -127,12 +128,11 @@ def test_model_card_text(tmp_path):
 
 
 def test_card_per_label_table_from_compute_metrics(tmp_path):
-    evaluate = pytest.importorskip("qing.evaluate.metrics")
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 2, size=(30, 3))
     probs = np.clip(targets * 0.6 + rng.random((30, 3)) * 0.5, 0, 1)
     labels = ["Atelectasis", "Effusion", "Edema"]
-    metrics = evaluate.compute_metrics(targets, probs, task="multilabel", label_names=labels, n_bootstrap=0)
+    metrics = compute_metrics(targets, probs, task="multilabel", label_names=labels, n_bootstrap=0)
     model = qing.create_model("qing_test_tr1", num_classes=3)
     set_meta(model, task="multilabel", metrics=metrics)
     card = (save_pretrained(model, tmp_path / "m", label_names=labels) / "README.md").read_text()
