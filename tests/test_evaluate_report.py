@@ -152,7 +152,7 @@ def test_multilabel_report_with_attention_and_bad_files(tmp_path):
     assert hernia[1:4] == ["0", "120", "undefined"] and hernia[6] == "0.9"
     assert hernia[9] == "only negative targets (120 samples): AUROC and PR-AUC undefined"
     text = "".join(page.text)
-    assert "chosen on validation data by Youden's J" in text
+    assert "Decision thresholds per label (see the table): chosen on validation data by Youden's J" in text
     assert "data/train/NORMAL/broken.png: truncated file" in text
     assert DISCLAIMER in text
     assert "<title>NIH &lt;test&gt; run</title>" in html_path.read_text()  # escaped
@@ -185,8 +185,7 @@ def test_binary_report_without_model_or_history(tmp_path):
     assert dict(page.tables[0][1:])["AUROC"] == "0.938"
     text = "".join(page.text)
     assert (
-        "Decision threshold(s) 0.4: chosen on validation data as the highest threshold reaching sensitivity 0.90"
-        in text
+        "Decision threshold 0.4: chosen on validation data as the highest threshold reaching sensitivity 0.90" in text
     )
     assert "No training history given." in text and "No input file was skipped." in text
     with pytest.raises(ValueError, match=re.escape("model and images go together")):

@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import numpy as np
 from scipy.special import expit, softmax
-from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -59,18 +58,30 @@ def probabilities(logits: Any, task: str) -> np.ndarray:
     return softmax(z, axis=1) if task == "multiclass" else expit(z)
 
 
-def _mann_whitney_auroc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Row-wise AUROC of ``(B, N)`` 0/1 labels and scores; NaN for rows lacking a class.
+def _weighted_auroc(counts: np.ndarray, order: np.ndarray, starts: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """AUROC of one output on each bootstrap resample, given how often each sample was drawn.
 
-    The Mann-Whitney U statistic with average ranks for ties, which equals the area under
-    the ROC curve of ``sklearn.metrics.roc_auc_score`` (ties count one half). Used for the
-    bootstrap only, where calling sklearn once per resample would dominate the run time.
+    A resample is the original samples weighted by their draw counts, so its AUROC is the
+    weighted Mann-Whitney statistic: for every positive, the weight of negatives scored
+    below it plus half of those tied with it. Equal to ``sklearn.metrics.roc_auc_score`` on
+    the resampled arrays (ties count one half), without re-sorting each resample.
+
+    Args:
+        counts: ``(B, N)`` draw counts per resample.
+        order: ``(N,)`` sample order by ascending score.
+        starts: Start positions of groups of tied scores in that order.
+        positive: ``(N,)`` 0/1 float targets in that order.
+
+    Returns:
+        ``(B,)`` AUROC, NaN for resamples holding one class only.
     """
-    ranks = rankdata(scores, axis=1)
-    n_pos = labels.sum(axis=1).astype(np.float64)
-    n_neg = labels.shape[1] - n_pos
+    weights = counts[:, order]
+    pos = np.add.reduceat(weights * positive, starts, axis=1)  # (B, groups of tied scores)
+    neg = np.add.reduceat(weights * (1.0 - positive), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        auc = ((ranks * labels).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        auc = (pos * (below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
     auc[(n_pos == 0) | (n_neg == 0)] = np.nan
     return auc
 
@@ -80,15 +91,26 @@ def _resampled_aurocs(y: np.ndarray, p: np.ndarray, *, n_bootstrap: int, seed: i
 
     Resample ``b`` is row ``b`` of ``np.random.default_rng(seed).integers(0, N, size=(n_bootstrap, N))``
     (drawn in chunks, which yields the same indices); all columns share the resamples.
+    Time and memory grow as ``n_bootstrap x N`` per column (about 1 s for 20,000 samples x
+    1000 resamples x 3 columns on one core).
     """
     n, c = p.shape
+    columns = []
+    for j in range(c):
+        order = np.argsort(p[:, j], kind="stable")
+        ranked = p[order, j]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        columns.append((order, starts, y[order, j].astype(np.float64)))
     rng = np.random.default_rng(seed)
     out = np.full((n_bootstrap, c), np.nan)
     rows = max(1, _CHUNK_CELLS // n)
     for start in range(0, n_bootstrap, rows):
         idx = rng.integers(0, n, size=(min(rows, n_bootstrap - start), n))
-        for j in range(c):
-            out[start : start + len(idx), j] = _mann_whitney_auroc(y[idx, j], p[idx, j])
+        b = len(idx)
+        counts = np.bincount((idx + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
+        counts = counts.astype(np.float64)
+        for j, column in enumerate(columns):
+            out[start : start + b, j] = _weighted_auroc(counts, *column)
     return out
 
 
@@ -146,8 +168,9 @@ def _bootstrap_summary(aucs: np.ndarray, *, n_bootstrap: int, confidence: float,
 
 def _resolve_thresholds(thresholds: Optional[Sequence[float]], *, task: str, num_outputs: int) -> list[float]:
     if task == "multiclass":
-        if thresholds:
-            raise ValueError(f"multiclass predictions are the argmax; thresholds must be None or [], got {thresholds}")
+        if thresholds is not None and len(thresholds):
+            given = [float(t) for t in thresholds]
+            raise ValueError(f"multiclass predictions are the argmax; thresholds must be None or [], got {given}")
         return []
     if thresholds is None:
         return [0.5] * num_outputs

@@ -102,9 +102,11 @@ def _threshold_text(metrics: Mapping[str, Any]) -> str:
     if rule is None and method and method.startswith("sensitivity@"):
         rule = f"chosen on validation data as the highest threshold reaching sensitivity {method.split('@')[1]}"
     rule = rule or f"method: {method}"
-    values = ", ".join(f"{t:.4g}" for t in metrics["thresholds"])
-    where = "" if metrics["task"] == "binary" else " (per label, see the table)"
-    return f"Decision threshold(s) {values}{where}: {rule}. A sample is positive when its probability >= threshold."
+    if metrics["task"] == "binary":
+        what = f"Decision threshold {metrics['thresholds'][0]:.4g}"
+    else:
+        what = "Decision thresholds per label (see the table)"
+    return f"{what}: {rule}. A sample is positive when its probability >= threshold."
 
 
 def _per_label_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
