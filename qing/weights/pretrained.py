@@ -172,7 +172,11 @@ def _not_found(
 
 
 def locate_weights(
-    cfg: PretrainedCfg, *, variant: str = "", cache_dir: Optional[Union[str, Path]] = None
+    cfg: PretrainedCfg,
+    *,
+    variant: str = "",
+    cache_dir: Optional[Union[str, Path]] = None,
+    explicit_file: bool = False,
 ) -> tuple[str, str]:
     """Where the weights of a pretrained cfg are, without loading them.
 
@@ -180,6 +184,8 @@ def locate_weights(
         cfg: The resolved pretrained cfg (tag plus overlay).
         variant: Architecture name, for messages when ``cfg.architecture`` is unset.
         cache_dir: Hugging Face cache directory (default ``$HF_HUB_CACHE``).
+        explicit_file: ``cfg.file`` was given by the caller (``pretrained_cfg_overlay``): if it is
+            missing, fail instead of falling back to the tag's Hub repo.
 
     Returns:
         ``(kind, location)``: ``("file", path)``, ``("hf-hub", repo id)``, ``("local-dir", path)``,
@@ -204,6 +210,8 @@ def locate_weights(
             if path.is_file():
                 return "file", str(path)
         looked += [str(p) for p in candidates]
+        if explicit_file:
+            raise _not_found(name, cfg, looked, cache_dir)
     if cfg.hf_hub_id:
         repo, _ = _split_revision(cfg.hf_hub_id)
         if cfg.source != "hf-hub":  # registry tags: a local copy in the qing weights directory wins
@@ -350,7 +358,7 @@ class CheckpointFilter:
         ]
         missing = [k for k in required if k not in ckpt]
         if missing:
-            found = ", ".join(list(state_dict)[:4])
+            found = ", ".join([k for k in state_dict if not k.endswith("num_batches_tracked")][:4])
             raise CheckpointError(
                 f"{self.source} ({conversion.format} format) does not fit {self.name}: {len(missing)} of "
                 f"{len(required)} {'backbone ' if conversion.required_prefix else ''}tensors are missing "
@@ -494,7 +502,7 @@ def build_model_with_weights(
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
     name = _weights_name(cfg, variant)
     cache_dir = kwargs.get("cache_dir")
-    kind, location = locate_weights(cfg, variant=variant, cache_dir=cache_dir)
+    kind, location = locate_weights(cfg, variant=variant, cache_dir=cache_dir, explicit_file=bool(overlay.get("file")))
     weights: Optional[Mapping[str, torch.Tensor]] = None
     if kind == "file":
         weights = unwrap_state_dict(read_checkpoint(location), source=location)
