@@ -5,15 +5,14 @@ by walking ``qing/`` at build time and rendered by mkdocstrings with a ``::: mod
 new module cannot be forgotten. Areas are ``qing`` itself and each ``qing.<name>``: the page of
 ``qing.layers`` holds ``qing.layers`` and every public module below it. A name that a package only
 re-exports from a public module (``qing.CNNTransformer``) is listed with a link to where it is
-documented instead of being rendered twice. The ``API reference`` entry of ``mkdocs.yml``'s nav is
-replaced by the generated pages.
+documented instead of being rendered twice (griffe, which mkdocstrings uses, resolves the aliases).
+The ``API reference`` entry of ``mkdocs.yml``'s nav is replaced by the generated pages.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +52,43 @@ def area_of(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def _documented_at(module: str, name: str, modules: set[str]) -> str | None:
-    """Where a re-exported ``module.name`` is rendered, or ``None`` when ``module`` renders it itself."""
-    obj = getattr(importlib.import_module(module), name)
-    if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+def load_package(package: str = PACKAGE) -> Any:
+    """The package as mkdocstrings sees it: loaded statically by griffe with the docs' extension, aliases resolved."""
+    import griffe
+
+    root = Path(importlib.util.find_spec(package).origin).parent
+    extensions = griffe.load_extensions(str(Path(__file__).with_name("griffe_docstrings.py")))
+    return griffe.load(
+        package, search_paths=[str(root.parent)], extensions=extensions, resolve_aliases=True, resolve_external=False
+    )
+
+
+def _documented_at(member: Any, module: str, modules: set[str]) -> str | None:
+    """Where a re-exported member is rendered, or ``None`` when ``module``'s own section renders it."""
+    import griffe
+
+    if not member.is_alias:
         return None
-    home = obj.__module__
-    if home == module or home not in modules:
-        return None  # defined here or in a private module: rendered on this page
-    if obj.__qualname__ not in getattr(importlib.import_module(home), "__all__", [obj.__qualname__]):
-        return None  # not public in its home module, so only this re-export documents it
-    return f"{home}.{obj.__qualname__}"
+    try:
+        target = member.final_target
+    except griffe.AliasResolutionError:
+        return None
+    home = target.parent.path if target.parent is not None else None
+    if home == module or home not in modules or not target.is_public:
+        return None  # defined here, in a private module, or private where defined: only this page documents it
+    return target.path
 
 
-def module_section(module: str, modules: set[str]) -> str:
+def module_section(module: str, tree: Any, modules: set[str]) -> str:
     """Markdown for one module: its mkdocstrings block, plus links for names documented elsewhere."""
+    node = tree if module == tree.path else tree[module.removeprefix(tree.path + ".")]
+    # the runtime __all__: timm's @register_model appends the entrypoints to it
     exported = getattr(importlib.import_module(module), "__all__", None)
     if exported is None:
         return f"::: {module}\n"
     own, elsewhere = [], {}
     for name in exported:
-        target = _documented_at(module, name, modules)
+        target = _documented_at(node.members[name], module, modules) if name in node.members else None
         if target:
             elsewhere[name] = target
         else:
@@ -81,15 +96,23 @@ def module_section(module: str, modules: set[str]) -> str:
     members = "\n".join(f"        - {name}" for name in own)
     text = f"::: {module}\n    options:\n" + (f"      members:\n{members}\n" if own else "      members: false\n")
     if elsewhere:
-        text += "\nAlso exported here:\n\n| Name | Documented at |\n|---|---|\n"
+        text += f"\n`{module}` also exports these names, documented where they are defined:\n\n"
+        text += "| Name | Documented at |\n|---|---|\n"
         text += "".join(f"| `{module}.{name}` | [`{target}`][{target}] |\n" for name, target in elsewhere.items())
     return text
+
+
+def _summary(module: str, tree: Any) -> str:
+    node = tree if module == tree.path else tree[module.removeprefix(tree.path + ".")]
+    doc = node.docstring.value if node.docstring else ""
+    return doc.split("\n\n")[0].replace("\n", " ").replace("|", "\\|")
 
 
 def reference_pages(package: str = PACKAGE) -> dict[str, str]:
     """``{src_uri: markdown}`` of the API reference: an index and one page per area."""
     modules = public_modules(package)
     module_set = set(modules)
+    tree = load_package(package)
     areas: dict[str, list[str]] = {}
     for module in modules:
         areas.setdefault(area_of(module), []).append(module)
@@ -103,11 +126,9 @@ def reference_pages(package: str = PACKAGE) -> dict[str, str]:
         "|---|---|",
     ]
     for area, members in areas.items():
-        pages[f"reference/{area}.md"] = f"# {area}\n\n" + "\n".join(module_section(m, module_set) for m in members)
-        for module in members:
-            doc = inspect.getdoc(importlib.import_module(module)) or ""
-            summary = doc.split("\n\n")[0].replace("\n", " ").replace("|", "\\|")
-            index.append(f"| [`{module}`]({area}.md#{module}) | {summary} |")
+        sections = "\n".join(module_section(m, tree, module_set) for m in members)
+        pages[f"reference/{area}.md"] = f"# {area}\n\n{sections}"
+        index += [f"| [`{module}`]({area}.md#{module}) | {_summary(module, tree)} |" for module in members]
     pages[INDEX] = "\n".join(index) + "\n"
     return pages
 
