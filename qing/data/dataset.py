@@ -45,19 +45,20 @@ class BadFileLog:
     def __init__(self) -> None:
         self._files: dict[str, str] = {}
 
-    def add(self, path: str, reason: str) -> bool:
-        """Record ``path``; returns ``True`` (and logs a warning) the first time it is seen."""
+    def add(self, path: str, reason: str, *, log: bool = True) -> bool:
+        """Record ``path``; returns ``True`` (and logs a warning if ``log``) the first time it is seen."""
         path = str(path)
         if path in self._files:
             return False
         self._files[path] = reason
-        _log.warning("skipping unreadable image %s: %s", path, reason)
+        if log:
+            _log.warning("skipping unreadable image %s: %s", path, reason)
         return True
 
     def update(self, entries: Sequence[dict[str, str]]) -> None:
-        """Add ``[{"path": ..., "reason": ...}, ...]`` (as from :meth:`to_list`)."""
+        """Merge ``[{"path": ..., "reason": ...}, ...]`` (from :meth:`to_list`; already logged where found)."""
         for entry in entries:
-            self.add(entry["path"], entry["reason"])
+            self.add(entry["path"], entry["reason"], log=False)
 
     def to_list(self) -> list[dict[str, str]]:
         """JSON-able ``[{"path": ..., "reason": ...}]``."""
