@@ -76,10 +76,10 @@ def run_blocks(blocks: list[CodeBlock], workdir: Path) -> dict:
     """Run ``blocks`` (opted-out ones aside) in order, in one fresh namespace, with ``workdir`` as working directory.
 
     Code is compiled against the page's own path and line numbers, so a traceback points at the
-    Markdown line that failed.
+    Markdown line that failed. The environment variables are restored afterwards.
     """
     namespace: dict = {"__name__": "__main__"}
-    previous = Path.cwd()
+    previous, environ = Path.cwd(), dict(os.environ)
     os.chdir(workdir)
     try:
         for block in blocks:
@@ -89,6 +89,8 @@ def run_blocks(blocks: list[CodeBlock], workdir: Path) -> dict:
             exec(compile(source, str(block.page), "exec"), namespace)
     finally:
         os.chdir(previous)
+        os.environ.clear()
+        os.environ.update(environ)  # a page may set variables such as QING_WEIGHTS_DIR
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close("all")
     return namespace

@@ -1,10 +1,18 @@
-"""mkdocs hook: the model zoo table of ``docs/models.md``, generated from qing's timm registry.
+"""mkdocs hook: the model zoo of ``docs/models.md``, generated from qing's timm registry.
 
-The ``<!-- qing:model-zoo -->`` marker is replaced by one row per registered architecture and
-weight tag (``arch`` for an architecture without weights, ``arch.tag`` for each weight), with its
-parameter count (counted on the ``meta`` device, so nothing is allocated or downloaded), input size,
-labels and license, followed by the label sets the rows refer to. Nothing here is written by hand:
-a new ``@register_model`` entrypoint or ``default_cfgs`` tag shows up at the next build.
+The ``<!-- qing:model-zoo -->`` marker is replaced by
+
+- a table with one row per registered architecture and weight tag (``arch`` for the untagged,
+  randomly initialized configuration, ``arch.tag`` for each set of weights): tag, where the
+  weights come from, parameter count (counted on the ``meta`` device, so nothing is allocated or
+  downloaded), input size, labels and license;
+- the architectures, each with the first paragraph of its entrypoint's docstring;
+- the weights, each with its pretrained config's description, file or Hub id, normalization,
+  origin and paper;
+- the label sets the rows refer to.
+
+Nothing here is written by hand: a new ``@register_model`` entrypoint or ``default_cfgs`` tag
+shows up at the next build, and a tag whose ``label_names`` disagree with ``num_classes`` stops it.
 """
 
 from __future__ import annotations
@@ -18,16 +26,29 @@ PAGE = "models.md"
 MARKER = "<!-- qing:model-zoo -->"
 
 
-def _weights_source(cfg: Any) -> str:
+def _anchor(kind: str, name: str) -> str:
+    return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def _has_weights(cfg: Any) -> bool:
+    return bool(cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict is not None)
+
+
+def _source(cfg: Any) -> str:
     if cfg.hf_hub_id:
-        return f"`hf-hub:{cfg.hf_hub_id}`"
+        return f"Hugging Face Hub `{cfg.hf_hub_id}`"
     if cfg.url:
-        return f"[download]({cfg.url})"
+        return f"<{cfg.url}>"
     if cfg.file:
-        return f"file `{cfg.file}`"
-    if cfg.state_dict is not None:
-        return "in-memory state dict"
-    return "—"
+        return f"file `{cfg.file}` (absolute, or relative to the working directory or the qing weights directory)"
+    return "an in-memory state dict"
+
+
+def _weights_cell(full_name: str, cfg: Any) -> str:
+    if not _has_weights(cfg):
+        return "—"
+    kind = "Hub" if cfg.hf_hub_id else "URL" if cfg.url else "file" if cfg.file else "state dict"
+    return f"[{kind}](#{_anchor('weights', full_name)})"
 
 
 def _param_count(arch: str, num_classes: int) -> int:
@@ -37,70 +58,73 @@ def _param_count(arch: str, num_classes: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _description(arch: str, cfg: Any) -> str:
-    import timm
+def _first_paragraph(text: str) -> str:
+    return " ".join(text.split("\n\n")[0].split())
 
+
+def _numbers(values: Any) -> str:
+    return ", ".join(f"{v:.4g}" for v in values)
+
+
+def _weights_entry(full_name: str, cfg: Any) -> list[str]:
+    lines = [f"### `{full_name}` {{ #{_anchor('weights', full_name)} }}", ""]
     if cfg.description:
-        return cfg.description
-    doc = inspect.getdoc(timm.models.model_entrypoint(arch)) or ""
-    return doc.split("\n\n")[0].replace("\n", " ")
-
-
-def _label_set_name(labels: tuple[str, ...], index: int) -> str:
-    from qing.models.cnn_transformer import CXR14_LABELS
-
-    return "ChestX-ray14" if tuple(labels) == tuple(CXR14_LABELS) else f"Label set {index}"
-
-
-def _anchor(name: str) -> str:
-    return "labels-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+        lines += [cfg.description, ""]
+    lines += [f"- Weights: {_source(cfg)}"]
+    lines += [f"- Preprocessing: mean ({_numbers(cfg.mean)}), std ({_numbers(cfg.std)}), crop mode `{cfg.crop_mode}`"]
+    if cfg.origin_url:
+        lines += [f"- Origin: <{cfg.origin_url}>"]
+    if cfg.paper_name or cfg.paper_ids:
+        lines += [f"- Paper: {', '.join(str(p) for p in (cfg.paper_name, cfg.paper_ids) if p)}"]
+    return [*lines, f"- License: {cfg.license or 'not stated'}", ""]
 
 
 def model_zoo_markdown() -> str:
-    """The model zoo section: a table of every ``qing_*`` architecture and tag, then the label sets."""
-    from timm.models import get_arch_pretrained_cfgs
+    """The model zoo: the table of every ``qing_*`` architecture and tag, then architectures, weights, labels."""
+    from timm.models import get_arch_pretrained_cfgs, model_entrypoint
 
     import qing
+    from qing.models.cnn_transformer import CXR14_LABELS
 
-    rows = []
-    label_sets: dict[tuple[str, ...], str] = {}
-    descriptions: dict[str, str] = {}
-    n_weights = 0
     archs = qing.list_models()
     if not archs:
         raise PluginError("model zoo: qing.list_models() is empty; are the qing_* models registered?")
+    rows, architectures, weights = [], [], []
+    label_sets: dict[tuple[str, ...], str] = {tuple(CXR14_LABELS): "ChestX-ray14"}
+    users: dict[tuple[str, ...], list[str]] = {}
+    params: dict[tuple[str, int], int] = {}
     for arch in archs:
+        doc = inspect.getdoc(model_entrypoint(arch)) or ""
+        architectures.append(f"- `{arch}`: {_first_paragraph(doc) or 'no description'}")
         for full_name, cfg in get_arch_pretrained_cfgs(arch).items():
-            has_weights = bool(cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict is not None)
-            n_weights += has_weights
             labels = tuple(cfg.label_names or ())
-            if cfg.num_classes and labels and len(labels) != cfg.num_classes:
+            if labels and len(labels) != cfg.num_classes:
                 raise PluginError(f"model zoo: {full_name} has {len(labels)} label_names for {cfg.num_classes} classes")
-            if labels and labels not in label_sets:
-                label_sets[labels] = _label_set_name(labels, len(label_sets) + 1)
-            name = label_sets.get(labels)
-            label_cell = f"[{name} ({len(labels)})](#{_anchor(name)})" if name else str(cfg.num_classes or "—")
-            c, h, w = cfg.input_size
+            label_cell = str(cfg.num_classes)
+            if labels:
+                name = label_sets.setdefault(labels, f"Label set {len(label_sets) + 1}")
+                users.setdefault(labels, []).append(f"`{full_name}`")
+                label_cell = f"[{name} ({len(labels)})](#{_anchor('labels', name)})"
+            key = (arch, cfg.num_classes or 0)
+            if key not in params:
+                params[key] = _param_count(*key)
             tag = full_name.partition(".")[2]
-            descriptions.setdefault(arch, _description(arch, cfg))
-            rows.append(
-                "| "
-                + " | ".join(
-                    [
-                        f"`{full_name}`",
-                        f"`{tag}`" if tag else "—",
-                        _weights_source(cfg),
-                        f"{_param_count(arch, cfg.num_classes or 0) / 1e6:.2f} M",
-                        f"{c}×{h}×{w}",
-                        label_cell,
-                        cfg.license or "—",
-                    ]
-                )
-                + " |"
-            )
+            cells = [
+                f"`{full_name}`",
+                f"`{tag}`" if tag else "—",
+                _weights_cell(full_name, cfg),
+                f"{params[key] / 1e6:.2f} M",
+                "×".join(map(str, cfg.input_size)),
+                label_cell,
+                cfg.license or "—",
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+            if _has_weights(cfg):
+                weights += _weights_entry(full_name, cfg)
+    n_weights = sum(1 for line in weights if line.startswith("### "))
     lines = [
-        f"{len(archs)} architectures, {n_weights} with pretrained weights (generated from the registry "
-        f"of qing {qing.__version__}).",
+        f"{len(archs)} architectures, {n_weights} sets of weights (generated from the registry of "
+        f"qing {qing.__version__}). Weights `—`: the untagged configuration, randomly initialized.",
         "",
         '<div class="qing-zoo" markdown>',
         "",
@@ -110,17 +134,21 @@ def model_zoo_markdown() -> str:
         "",
         "</div>",
         "",
-        "Weights `—`: the architecture is registered without weights (random initialization).",
-        "",
         "## Architectures",
         "",
-        *(f"- `{arch}`: {text}" for arch, text in descriptions.items()),
+        *architectures,
         "",
+        "## Weights",
+        "",
+        *weights,
         "## Label sets",
         "",
     ]
     for labels, name in label_sets.items():
-        lines += [f"### {name} {{ #{_anchor(name)} }}", "", ", ".join(f"`{label}`" for label in labels), ""]
+        if labels in users:
+            names = ", ".join(f"`{label}`" if label else "(unused output)" for label in labels)
+            lines += [f"### {name} {{ #{_anchor('labels', name)} }}", "", names, ""]
+            lines += [f"Used by {', '.join(users[labels])}.", ""]
     return "\n".join(lines)
 
 
