@@ -78,7 +78,9 @@ def _corrupt(path: Path, err: BaseException) -> CheckpointError:
 
 
 def _unsafe(path: Path, names: list[str]) -> UnsafeCheckpointError:
-    found = ", ".join(names) if names else "Python objects that are not tensors or plain containers"
+    names = sorted(set(names), key=lambda n: (n.startswith("torch."), n))  # the unusual classes first
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more classes" if len(names) > 5 else "")
+    found = shown or "Python objects that are not tensors or plain containers"
     return UnsafeCheckpointError(
         f"refusing to unpickle {path}: it contains {found}. qing loads checkpoints with "
         "torch.load(weights_only=True) because unpickling other objects can run arbitrary code. "
