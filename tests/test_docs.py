@@ -336,14 +336,16 @@ def test_benchmarks_hook_renders_rows_and_rejects_bad_files(tmp_path: Path) -> N
     results.mkdir(parents=True)
     row = dict(model="qing_test_tr1", mode="eager", phase="inference", batch=8, images_per_s=123.456)
     row.update(peak_mem_mib=512.0, ratio_vs_densenet121=4.25)
-    (results / "throughput_cpu.json").write_text(json.dumps({"config": {"threads": 2}, "rows": [row]}))
+    data = {"config": {"threads": 2}, "rows": [row], "targets": {"speed": {"min_ratio": 0.97, "met": True}}}
+    (results / "throughput_cpu.json").write_text(json.dumps(data))
     text = hook.benchmarks_markdown(tmp_path)
     assert "| model | mode | batch | images_per_s | peak_mem_mib | ratio_vs_densenet121 |" in text
     assert "| qing_test_tr1 | eager | 8 | 123.5 | 512.0 | 4.2 |" in text
-    assert "### inference" in text and "| threads | 2 |" in text and "Not measured yet" not in text
+    assert "### inference" in text and "| threads | 2 |" in text and "| speed | 0.97 | True |" in text
+    assert "throughput_cpu.json` is absent" not in text and "throughput_cuda.json` is absent" in text
 
     (results / "throughput_cpu.json").unlink()
-    assert "Not measured yet" in hook.benchmarks_markdown(tmp_path)
+    assert "throughput_cpu.json` is absent" in hook.benchmarks_markdown(tmp_path)
     (results / "broken.json").write_text('{"rows": 3}')
     with pytest.raises(PluginError, match=r"broken\.json: expected"):
         hook.benchmarks_markdown(tmp_path)

@@ -1,8 +1,9 @@
 """mkdocs hook: the benchmark tables of ``docs/benchmarks.md``, rendered from ``benchmarks/results/*.json``.
 
 Each results file is ``{"config": {...}, "rows": [{...}, ...]}`` as the scripts in ``benchmarks/``
-write it. The ``<!-- qing:benchmarks -->`` marker is replaced by one section per file: its config
-and its rows (one table per ``phase`` when rows carry one). An expected file that is absent gets a
+write it, possibly with more top-level entries (e.g. ``"targets"``). The ``<!-- qing:benchmarks -->``
+marker is replaced by one section per file: its config, its other entries, and its rows (one table
+per ``phase`` when rows carry one). An expected file that is absent gets a
 note saying so and how to produce it; a file that is not such JSON stops the build with its path.
 """
 
@@ -20,7 +21,9 @@ RESULTS = Path("benchmarks") / "results"
 #: Files the benchmarks are expected to write, with what writes them.
 EXPECTED = {
     "throughput_cpu.json": "the CPU throughput benchmark in `benchmarks/` (training and inference images/s, "
-    "peak memory, ratio against DenseNet121 measured in the same run)",
+    "peak memory, ratio against DenseNet121 measured in the same run): "
+    "`python benchmarks/throughput.py --device cpu`",
+    "throughput_cuda.json": "the same benchmark on a CUDA GPU: `python benchmarks/throughput.py --device cuda`",
 }
 
 
@@ -67,6 +70,14 @@ def results_section(path: Path) -> str:
     if config:
         text += "| Setting | Value |\n|---|---|\n" + "".join(f"| {k} | {_cell(v)} |\n" for k, v in config.items())
         text += "\n"
+    for key, value in data.items():
+        if key in ("config", "rows"):
+            continue
+        text += f"**{key}**\n\n"
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            text += _table([{"": name, **fields} for name, fields in value.items()]) + "\n"
+        else:
+            text += f"```json\n{json.dumps(value, indent=2)}\n```\n\n"
     rows = data["rows"]
     if not rows:
         return text + f'!!! note "No rows"\n    `{RESULTS / path.name}` holds no measurements.\n'
@@ -81,19 +92,21 @@ def results_section(path: Path) -> str:
 
 
 def benchmarks_markdown(root: Path) -> str:
-    """All sections: the expected files first (or a note for each one absent), then any other results."""
+    """All sections: the expected files (or a note for each one absent), then any other results file."""
     results = root / RESULTS
     present = sorted(results.glob("*.json")) if results.is_dir() else []
     sections = []
     for name, writer in EXPECTED.items():
-        if not (results / name).is_file():
+        if (results / name).is_file():
+            sections.append(results_section(results / name))
+        else:
             sections.append(
                 f"## `{name}`\n\n"
                 f'!!! note "Not measured yet"\n'
                 f"    `{RESULTS / name}` is absent, so this build has no numbers for it. "
                 f"It is written by {writer}; run it and rebuild the docs.\n"
             )
-    sections += [results_section(path) for path in present]
+    sections += [results_section(path) for path in present if path.name not in EXPECTED]
     return "\n".join(sections)
 
 
