@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import inspect
@@ -192,6 +193,22 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+EXTERNAL_RESOURCE = re.compile(
+    r'<(?:script|img|iframe|source|video|audio)\b[^>]*\bsrc="(?:https?:)?//'
+    r'|<link\b(?![^>]*\brel="canonical")[^>]*\bhref="(?:https?:)?//'
+    r"|url\(\s*['\"]?(?:https?:)?//"
+)
+
+
+def test_site_loads_nothing_from_other_hosts(site: Path) -> None:
+    """Scripts, styles, fonts and images all come from the site itself (privacy, offline reading)."""
+    offending = []
+    for path in sorted(p for p in site.rglob("*") if p.suffix in {".html", ".css"}):
+        found = EXTERNAL_RESOURCE.finditer(path.read_text(encoding="utf-8"))
+        offending += [f"{path.relative_to(site)}: {match.group(0)}" for match in found]
+    assert offending == []
+
+
 def _public_modules() -> list[str]:
     """Public modules of qing, found by importing the package tree (independently of the docs hook)."""
     names = ["qing"]
@@ -277,9 +294,8 @@ def test_command_line_page_shows_every_subcommand(site: Path) -> None:
         for action in parser._actions:
             for option in action.option_strings:
                 assert option in page, f"{command} {option} is not on the command-line page"
-            for name, sub in (getattr(action, "choices", None) or {}).items():
-                if isinstance(sub, type(parser)):
-                    pending.append((sub, f"{command} {name}"))
+            if isinstance(action, argparse._SubParsersAction):
+                pending += [(sub, f"{command} {name}") for name, sub in action.choices.items()]
 
 
 def _load_hook(name: str):
