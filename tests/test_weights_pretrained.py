@@ -348,3 +348,32 @@ def test_default_cfgs_stay_the_original_design():
         cfg = timm.models.get_pretrained_cfg(arch)
         assert cfg.tag is None and not cfg.has_weights
         assert cfg.mean == (0.485,) * 3 and cfg.crop_mode == "squash"
+
+
+# ---- qing's own files through the dispatcher ------------------------------------------------------
+
+
+def test_dispatcher_reads_a_saved_qing_model(tmp_path, caplog):
+    torch.manual_seed(6)
+    source = qing.create_model("qing_test_tr1", num_classes=2).eval()
+    qing.set_meta(source, task="multilabel", thresholds=[0.3, 0.7])
+    folder = qing.save_pretrained(source, tmp_path / "saved", label_names=["Effusion", "Edema"])
+    with caplog.at_level(logging.INFO, logger="qing.weights"):
+        converted = load_checkpoint_file(folder)
+    assert f"{folder / 'model.safetensors'}: detected qing (a qing CNN-Transformer state dict" in caplog.text
+    assert (converted.format, converted.model_name) == ("qing", "qing_test_tr1")
+    assert converted.model_kwargs["num_classes"] == 2 and converted.thresholds == [0.3, 0.7]
+    assert converted.pretrained_cfg["label_names"] == ("Effusion", "Edema")
+    model = converted.create_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    assert model.qing_meta.thresholds == [0.3, 0.7] and model.qing_load_report.format == "qing"
+    same = qing.create_model("qing_test_tr1", pretrained=True, num_classes=2, pretrained_cfg_overlay=dict(file=folder))
+    assert torch.equal(same.eval()(x), source(x))  # a model folder works as pretrained_cfg_overlay file too
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(source.state_dict(), bare)
+    with pytest.raises(CheckpointError, match=r"holds qing weights without a config.json beside it; pass model_name="):
+        load_checkpoint_file(bare)
+    assert load_checkpoint_file(bare, model_name="qing_test_tr1").create_model(num_classes=2).num_classes == 2

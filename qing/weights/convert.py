@@ -105,6 +105,7 @@ class ConvertedCheckpoint:
 
         cfg = dict(self.pretrained_cfg, state_dict=self.state_dict)
         model = create_model(self.model_name, pretrained=True, pretrained_cfg=cfg, **{**self.model_kwargs, **kwargs})
+        model.qing_load_report.format = self.format  # the loader saw the converted layout
         if getattr(model, "num_classes", None) == self.model_kwargs.get("num_classes"):
             updates = {k: v for k, v in (("task", self.task), ("thresholds", self.thresholds)) if v is not None}
             if updates:
@@ -152,6 +153,18 @@ def _check_fits(converted: ConvertedCheckpoint) -> None:
     model = create_model(converted.model_name, device="meta", **converted.model_kwargs)
     convert = convert_for_hybrid if hasattr(model, "backbone") else convert_for_densenet
     CheckpointFilter(converted.model_name, converted.source, convert)(converted.state_dict, model)
+
+
+def _qing_architecture(path: Path) -> Optional[str]:
+    """The qing architecture in a ``config.json`` beside ``path`` (a saved qing model folder), if any."""
+    config_file = path.parent / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        arch = json.loads(config_file.read_text()).get("architecture")
+    except (ValueError, AttributeError):
+        return None
+    return arch if isinstance(arch, str) and arch.startswith("qing_") and timm.is_model(arch) else None
 
 
 def _convert_qing(path: Path, state_dict: dict[str, torch.Tensor], model_name: Optional[str]) -> ConvertedCheckpoint:
@@ -276,7 +289,7 @@ def load_checkpoint_file(
         path = weights
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
     state_dict = unwrap_state_dict(raw, source=path)
-    fmt = detect_format(state_dict)
+    fmt = "qing" if _qing_architecture(path) else detect_format(state_dict)
     if fmt == "unknown":
         sample = ", ".join(list(state_dict)[:5])
         known = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())

@@ -104,8 +104,10 @@ def _foreign_cache_candidates(relative: Path) -> list[Path]:
 def _file_candidates(file: str) -> list[Path]:
     path = Path(file).expanduser()
     if path.is_absolute():
-        return [path]
-    return [Path.cwd() / path, weights_dir() / path, *_foreign_cache_candidates(path)]
+        candidates = [path]
+    else:
+        candidates = [Path.cwd() / path, weights_dir() / path, *_foreign_cache_candidates(path)]
+    return [c / "model.safetensors" if c.is_dir() else c for c in candidates]  # a saved qing model folder
 
 
 def _hub_filenames(cfg: PretrainedCfg) -> tuple[str, ...]:
