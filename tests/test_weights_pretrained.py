@@ -24,6 +24,8 @@ from qing.weights import (
     read_checkpoint,
     read_state_dict,
 )
+from qing.weights.filters import convert_for_hybrid
+from qing.weights.pretrained import CheckpointFilter
 
 TAG = "qing_test_tr1.r160_in1k"
 HUB_REPO = "timm/test_resnet.r160_in1k"
@@ -377,3 +379,19 @@ def test_dispatcher_reads_a_saved_qing_model(tmp_path, caplog):
     with pytest.raises(CheckpointError, match=r"holds qing weights without a config.json beside it; pass model_name="):
         load_checkpoint_file(bare)
     assert load_checkpoint_file(bare, model_name="qing_test_tr1").create_model(num_classes=2).num_classes == 2
+
+
+def test_verification_catches_tensors_that_did_not_load(trained_tiny):
+    _, path = trained_tiny
+    model = qing.create_model("qing_test_tr1")
+    loader = CheckpointFilter("qing_test_tr1", str(path), convert_for_hybrid)
+    complete = loader(read_state_dict(path), model)
+    assert complete.keys() == model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in complete.items() if not k.startswith("blocks.")}, strict=False)
+    with pytest.raises(RuntimeError) as err:  # what a lenient loader skipping keys would leave behind
+        loader.verify()
+    assert str(err.value) == (
+        f"qing_test_tr1: 12 pretrained tensors did not load from {path} (e.g. blocks.0.norm1.weight, "
+        "blocks.0.norm1.bias, blocks.0.attn.qkv.weight, blocks.0.attn.qkv.bias); "
+        "refusing to return a partly random model"
+    )
