@@ -323,6 +323,7 @@ class CheckpointFilter:
         self.report: Optional[LoadReport] = None
 
     def __call__(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Convert ``state_dict`` for ``model``, check it fits, and complete it for a strict load."""
         if self.weights is not None:
             state_dict, self.weights = self.weights, None
         state_dict = unwrap_state_dict(state_dict, source=self.source)
@@ -330,57 +331,14 @@ class CheckpointFilter:
         ckpt = dict(conversion.state_dict)
         target = model.state_dict()
         cfg = model.pretrained_cfg
+        dropped = self._drop_mismatched_classifier(ckpt, target, model)
         first_conv = f"{cfg.get('first_conv')}.weight"
-        adaptable = getattr(model, "in_chans", cfg["input_size"][0]) != cfg["input_size"][0]
+        in_chans_differ = getattr(model, "in_chans", cfg["input_size"][0]) != cfg["input_size"][0]
+        self._check_fits(ckpt, model, conversion, state_dict, skip_shape=first_conv if in_chans_differ else None)
 
-        head = _classifier_keys(model, target)
-        dropped: list[str] = []
-        if any(k in ckpt and ckpt[k].shape != target[k].shape for k in head):
-            dropped = [k for k in head if k in ckpt]
-            rows = next(ckpt[k].shape[0] for k in dropped)
-            for key in dropped:
-                del ckpt[key]
-            _logger.warning(
-                "%s: the checkpoint's classifier has %d outputs but the model has %d: dropped %s "
-                "and re-initialized the classifier",
-                self.name,
-                rows,
-                getattr(model, "num_classes", -1),
-                ", ".join(dropped),
-            )
-        elif head and all(k in ckpt for k in head):
-            # the cfg describes the loaded weights (and keeps timm from dropping a classifier that fits)
-            cfg["num_classes"] = getattr(model, "num_classes", cfg.get("num_classes"))
-
-        unused = list(conversion.unused) + [k for k in ckpt if k not in target]
-        required = [
-            k
-            for k in target
-            if k.startswith(conversion.required_prefix) and k not in head and not k.endswith("num_batches_tracked")
-        ]
-        missing = [k for k in required if k not in ckpt]
-        if missing:
-            found = ", ".join([k for k in state_dict if not k.endswith("num_batches_tracked")][:4])
-            raise CheckpointError(
-                f"{self.source} ({conversion.format} format) does not fit {self.name}: {len(missing)} of "
-                f"{len(required)} {'backbone ' if conversion.required_prefix else ''}tensors are missing "
-                f"(e.g. {', '.join(missing[:4])}); the checkpoint has keys like {found}. "
-                "Is it a checkpoint for another architecture?"
-            )
-        mismatched = [
-            f"{k}: checkpoint {tuple(ckpt[k].shape)} vs model {tuple(target[k].shape)}"
-            for k in ckpt
-            if k in target and ckpt[k].shape != target[k].shape and not (k == first_conv and adaptable)
-        ]
-        if mismatched:
-            raise CheckpointError(
-                f"{self.source} ({conversion.format} format) does not fit {self.name}: shape mismatch in "
-                f"{len(mismatched)} tensors: {'; '.join(mismatched[:4])}. "
-                "Build the model with the checkpoint's arguments (embed_dim, depth, mlp_dim, in_chans, ...)."
-            )
         loaded = [k for k in target if k in ckpt]
         filled = [k for k in target if k not in ckpt]
-        adapted = [k for k in (first_conv,) if k in ckpt and adaptable and ckpt[k].shape != target[k].shape]
+        adapted = [k for k in (first_conv,) if k in ckpt and in_chans_differ and ckpt[k].shape != target[k].shape]
         self.model = model
         self.expected = {k: ckpt[k] for k in loaded if k not in adapted}
         self.report = LoadReport(
@@ -390,13 +348,72 @@ class CheckpointFilter:
             loaded=loaded,
             filled=filled,
             dropped=dropped,
-            unused=unused,
+            unused=list(conversion.unused) + [k for k in ckpt if k not in target],
             adapted=adapted,
             thresholds=conversion.thresholds,
         )
-        out = {k: ckpt[k] for k in loaded}
-        out.update({k: target[k] for k in filled})
-        return out
+        return {**{k: ckpt[k] for k in loaded}, **{k: target[k] for k in filled}}
+
+    def _drop_mismatched_classifier(
+        self, ckpt: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module
+    ) -> list[str]:
+        """Remove a classifier whose class count differs (warning with the keys); else sync the cfg's count."""
+        head = _classifier_keys(model, target)
+        if not any(k in ckpt and ckpt[k].shape != target[k].shape for k in head):
+            if head and all(k in ckpt for k in head):
+                # the cfg describes the loaded weights (and keeps timm from dropping a classifier that fits)
+                model.pretrained_cfg["num_classes"] = getattr(model, "num_classes", model.pretrained_cfg["num_classes"])
+            return []
+        dropped = [k for k in head if k in ckpt]
+        rows = ckpt[dropped[0]].shape[0]
+        for key in dropped:
+            del ckpt[key]
+        _logger.warning(
+            "%s: the checkpoint's classifier has %d outputs but the model has %d: dropped %s "
+            "and re-initialized the classifier",
+            self.name,
+            rows,
+            getattr(model, "num_classes", -1),
+            ", ".join(dropped),
+        )
+        return dropped
+
+    def _check_fits(
+        self,
+        ckpt: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        conversion: Conversion,
+        original: Mapping[str, torch.Tensor],
+        skip_shape: Optional[str],
+    ) -> None:
+        """Raise unless every required tensor is there with the model's shape (``skip_shape``: adaptable)."""
+        target = model.state_dict()
+        head = set(_classifier_keys(model, target))
+        required = [
+            k
+            for k in target
+            if k.startswith(conversion.required_prefix) and k not in head and not k.endswith("num_batches_tracked")
+        ]
+        missing = [k for k in required if k not in ckpt]
+        if missing:
+            found = ", ".join([k for k in original if not k.endswith("num_batches_tracked")][:4])
+            raise CheckpointError(
+                f"{self.source} ({conversion.format} format) does not fit {self.name}: {len(missing)} of "
+                f"{len(required)} {'backbone ' if conversion.required_prefix else ''}tensors are missing "
+                f"(e.g. {', '.join(missing[:4])}); the checkpoint has keys like {found}. "
+                "Is it a checkpoint for another architecture?"
+            )
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+            for k, v in ckpt.items()
+            if k in target and v.shape != target[k].shape and k != skip_shape
+        ]
+        if mismatched:
+            raise CheckpointError(
+                f"{self.source} ({conversion.format} format) does not fit {self.name}: shape mismatch in "
+                f"{len(mismatched)} tensors: {'; '.join(mismatched[:4])}. "
+                "Build the model with the checkpoint's arguments (embed_dim, depth, mlp_dim, in_chans, ...)."
+            )
 
     def verify(self) -> LoadReport:
         """Raise unless every tensor meant to load is in the model; log what happened."""
