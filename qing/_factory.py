@@ -72,9 +72,14 @@ def create_model(
 
     Args:
         model_name: Architecture, optionally with ``.tag``, or a ``hf-hub:``/``local-dir:`` source.
-        pretrained: Load the weights of the tag (or the default tag).
+        pretrained: Load the tag's weights, converted from their format and checked after loading
+            (see :mod:`qing.weights.pretrained`). Weights that cannot be downloaded are looked for
+            in the qing weights directory ``$QING_WEIGHTS_DIR`` (default ``~/.cache/qing/weights``),
+            e.g. CheXNet at ``chexnet/model.pth.tar``. A different ``num_classes`` re-initializes
+            only the classifier (a warning lists the dropped keys).
         pretrained_cfg: A tag name, dict or ``PretrainedCfg`` to use instead of the registry's.
-        pretrained_cfg_overlay: Entries replacing those of the pretrained cfg, e.g. ``dict(file=...)``.
+        pretrained_cfg_overlay: Entries replacing those of the pretrained cfg, e.g.
+            ``dict(file="model.pth.tar")`` to load weights from a file of any supported format.
         checkpoint_path: A checkpoint loaded after creation.
         cache_dir: Cache directory for Hub and URL downloads.
         scriptable: Configure layers for ``torch.jit.script``.
@@ -83,7 +88,15 @@ def create_model(
         **kwargs: Model arguments, e.g. ``num_classes=2``, ``in_chans=1``, ``img_size=320``.
 
     Returns:
-        The model, in train mode, with ``pretrained_cfg`` describing its preprocessing.
+        The model, in train mode, with ``pretrained_cfg`` describing its preprocessing (and, with
+        ``pretrained=True``, ``qing_load_report`` saying what was loaded from where).
+
+    Raises:
+        ValueError: Unknown model name or tag (the message lists the valid ones).
+        qing.weights.WeightsNotFoundError: ``pretrained=True`` but the weights are not available;
+            the message lists where qing looked and the three ways to supply them.
+        qing.weights.CheckpointError: A corrupt checkpoint, one that needs untrusted unpickling,
+            or one for another architecture.
 
     Example:
         >>> import qing
