@@ -194,6 +194,10 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, data_root):
 
     with pytest.raises(FileExistsError, match=r"already holds a run .*set resume=True to continue it, overwrite=True"):
         Trainer(cfg).fit()
+    assert "training loss is nan" in (cfg.run_dir / "train.log").read_text()
+    Trainer(cfg.replace(overwrite=True, epochs=1)).fit()  # replaces the failed run
+    assert "training loss is nan" not in (cfg.run_dir / "train.log").read_text()
+    assert TrainConfig.from_file(cfg.run_dir / "config.yaml").epochs == 1
 
 
 def test_early_stopping_pos_weight_and_resume_of_a_finished_run(tmp_path, data_root):
@@ -211,15 +215,38 @@ def test_early_stopping_pos_weight_and_resume_of_a_finished_run(tmp_path, data_r
     assert all(torch.equal(before[k], v) for k, v in weights(again.last_checkpoint).items())
 
 
-def test_multiclass_run(tmp_path):
+def test_multiclass_run_with_a_plain_timm_model(tmp_path):
     for split, n in (("train", 6), ("test", 2)):
         write_class_folders(tmp_path / "data" / split, {"a": n, "b": n, "c": n}, size=64, seed=len(split))
     cfg = tiny_config(
-        tmp_path / "data", tmp_path / "run", epochs=1, report=True, log_images=0, data={"patient_regex": None}
+        tmp_path / "data",
+        tmp_path / "run",
+        model="test_resnet",  # any timm classifier trains; backbone = everything but get_classifier()
+        backbone_lr=1e-4,
+        channels_last=True,
+        epochs=1,
+        report=True,
+        log_images=0,
+        data={"patient_regex": None},
     )
     trainer = Trainer(cfg)
     result = trainer.fit()
     assert isinstance(trainer.loss_fn, torch.nn.CrossEntropyLoss)
+    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}["head"] != 1e-4
     assert result.thresholds == [] and result.test_metrics["task"] == "multiclass"
     model = qing.create_model(f"local-dir:{result.best_checkpoint}", pretrained=True)
     assert model.num_classes == 3 and list(model.pretrained_cfg["label_names"]) == ["a", "b", "c"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights(result.best_checkpoint).items())
+
+    with pytest.raises(ValueError, match="freeze_backbone needs a qing CNN-Transformer; test_resnet has no"):
+        Trainer(cfg.replace(freeze_backbone=True, overwrite=True)).fit()
+    assert weights(result.best_checkpoint)  # a bad config does not delete the run it would overwrite
+
+
+def test_command_line_overrides():
+    from qing.train.__main__ import apply_overrides
+
+    values = apply_overrides({"data": {"root": "a"}}, ["epochs=3", "data.cache_images=true", "pos_weight=[1, 2.5]"])
+    assert values == {"data": {"root": "a", "cache_images": True}, "epochs": 3, "pos_weight": [1, 2.5]}
+    with pytest.raises(ValueError, match="--set expects key=value, got 'epochs'"):
+        apply_overrides({}, ["epochs"])

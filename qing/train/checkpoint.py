@@ -15,6 +15,7 @@ moment leaves either the previous checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -124,13 +125,16 @@ def save_checkpoint(
     Returns:
         The folder.
     """
+    model = unwrap_model(model)
+    if any(not t.is_contiguous() for t in model.state_dict().values()):  # channels_last: safetensors needs contiguous
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     extra: dict[str, Union[str, bytes]] = {}
     if training_state is not None:
         packed, tensors = pack_state(training_state)
         extra[STATE_JSON] = json.dumps(packed, indent=1, allow_nan=False)
         extra[STATE_TENSORS] = save_safetensors_bytes(tensors) if tensors else save_safetensors_bytes({})
     return save_pretrained(
-        unwrap_model(model),
+        model,
         directory,
         label_names=label_names,
         data_config=data_config,

@@ -168,8 +168,16 @@ class Trainer:
         self.env = init_distributed(self.device.type)
         self.tb: Optional[TensorBoardLogger] = None
         try:
+            last = self._check_run_dir()
+            self._load_data_and_model()  # configuration errors surface before the run folder is touched
+            self._claim_run_dir()
             with self._log_to_file():
-                self._prepare()
+                _log.info(
+                    "%s: %s, %d train / %d val / %d test images, outputs %s",
+                    self.splits.source, self.splits.task, len(self.splits.train), len(self.splits.val),
+                    len(self.splits.test), self.splits.label_names,
+                )  # fmt: skip
+                self._prepare(last)
                 self._train_loop()
                 return self._finish()
         finally:
@@ -222,15 +230,13 @@ class Trainer:
                 handler.close()
                 logger.setLevel(old_level)
 
-    def _prepare(self) -> None:
+    def _load_data_and_model(self) -> None:
         cfg = self.config
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        last = self._check_run_dir()
-
         self.splits = load_splits(cfg.data)
         self.bad_files.update(self.splits.bad_files.to_list())
         if cfg.num_classes is not None and cfg.num_classes != self.splits.num_outputs:
@@ -239,6 +245,9 @@ class Trainer:
                 f"({self.splits.task}: {self.splits.label_names})"
             )
         self._model = self._create_model(self.splits)
+
+    def _prepare(self, last: Optional[Path]) -> None:
+        cfg = self.config
         self.amp_dtype = self._resolve_amp()
         self.data_config = resolve_image_config(self._model, img_size=cfg.img_size)
         self._build_data()
@@ -288,23 +297,19 @@ class Trainer:
         self.tb_images = self._sample_images("val", cfg.log_images)
 
     def _check_run_dir(self) -> Optional[Path]:
-        """Refuse to clobber an earlier run; returns the checkpoint to resume from, if any."""
+        """Refuse to clobber an earlier run; returns the checkpoint to resume from, if any.
+
+        Every process checks, so all raise together; rank 0 repairs an interrupted checkpoint.
+        """
         cfg = self.config
         last_dir = cfg.checkpoints_path / "last"
-        last = None
+        if self._earlier_run() and not cfg.resume and not cfg.overwrite:
+            raise FileExistsError(
+                f"{cfg.run_dir} already holds a run ({', '.join(map(str, self._earlier_run()))}); set "
+                "resume=True to continue it, overwrite=True to replace it, or choose another output_dir"
+            )
         if self.env.is_main:
-            last = find_checkpoint(last_dir)  # repairs an interrupted checkpoint replacement
-            earlier = [p for p in (cfg.checkpoints_path, cfg.tensorboard_path, cfg.report_path) if _non_empty(p)]
-            if not cfg.resume and earlier:
-                if not cfg.overwrite:
-                    raise FileExistsError(
-                        f"{cfg.run_dir} already holds a run ({', '.join(str(p) for p in earlier)}); set "
-                        "resume=True to continue it, overwrite=True to replace it, or choose another output_dir"
-                    )
-                for path in earlier:
-                    shutil.rmtree(path)
-                (cfg.run_dir / "train.log").unlink(missing_ok=True)
-            cfg.save(cfg.run_dir / "config.yaml")
+            find_checkpoint(last_dir)  # moves back a checkpoint left aside by a kill during its replacement
         barrier(self.env)
         if not cfg.resume:
             return None
@@ -312,6 +317,22 @@ class Trainer:
         if last is None:
             _log.info("resume=True but %s holds no checkpoint: starting a new run", last_dir)
         return last
+
+    def _earlier_run(self) -> list[Path]:
+        cfg = self.config
+        return [p for p in (cfg.checkpoints_path, cfg.tensorboard_path, cfg.report_path) if _non_empty(p)]
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0: remove the earlier run (``overwrite``, not ``resume``) and write ``config.yaml``."""
+        cfg = self.config
+        if self.env.is_main:
+            if cfg.overwrite and not cfg.resume:
+                for path in self._earlier_run():
+                    shutil.rmtree(path)
+                (cfg.run_dir / "train.log").unlink(missing_ok=True)
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(cfg.run_dir / "config.yaml")
+        barrier(self.env)
 
     def _create_model(self, splits: DataSplits) -> nn.Module:
         cfg = self.config
