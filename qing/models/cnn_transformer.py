@@ -120,7 +120,11 @@ def _create_backbone(name: str, *, in_chans: int, final_act: bool, args: dict[st
         )
     if hasattr(backbone, "patch_embed"):
         raise ValueError(f"backbone {name!r} is a vision transformer; the hybrid needs a CNN feature map")
-    backbone.prune_intermediate_layers(1, prune_norm=False, prune_head=True)  # drop head and pooling
+    # drop classifier and pooling (and head-only norms such as ConvNeXt's), keep what forward_features runs
+    if "reset_other" in inspect.signature(backbone.reset_classifier).parameters:
+        backbone.reset_classifier(0, "", reset_other=True)
+    else:
+        backbone.reset_classifier(0, "")
     if not final_act:
         norm_acts = [m for m in backbone.modules() if hasattr(m, "act") and isinstance(m, nn.BatchNorm2d)]
         if not norm_acts:
