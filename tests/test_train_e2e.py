@@ -56,8 +56,9 @@ def test_nih_multilabel_run_from_a_label_csv(tmp_path, nih_64):
     with open(nih_64 / "labels.csv") as f:
         rows = list(csv.DictReader(f))
     keep = []
-    for split, n in (("train", 96), ("valid", 40), ("test", 40)):
-        keep += [r for r in rows if r["repo_split"] == split][:n]
+    for split, n in (("train", 48), ("valid", 20), ("test", 20)):
+        for label in ("NORMAL", "ABNORMAL"):
+            keep += [r for r in rows if (r["repo_split"], r["repo_label"]) == (split, label)][:n]
     subset = tmp_path / "labels.csv"
     with open(subset, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -72,9 +73,14 @@ def test_nih_multilabel_run_from_a_label_csv(tmp_path, nih_64):
         "patient_regex": None,
     }
     cfg = tiny_config(nih_64, tmp_path / "run", epochs=1, batch_size=16, report=True, log_images=2, data=data)
-    with pytest.warns(UserWarning, match="Hernia: validation targets are all negative; no threshold can be chosen"):
-        result = Trainer(cfg).fit()  # 40 validation images hold no Hernia: that threshold stays 0.5
-    assert result.thresholds[-1] == 0.5
+    labels = list(qing.models.cnn_transformer.CXR14_LABELS)
+    absent = [name for name in labels if not any(r[name] == "1" for r in keep if r["repo_split"] == "valid")]
+    assert "Hernia" in absent and len(absent) < 14
+    with pytest.warns(UserWarning, match="validation targets are all negative; no threshold can be chosen") as caught:
+        result = Trainer(cfg).fit()
+    # a label without positives in validation gets 0.5 and a warning naming it; the others get a chosen threshold
+    assert sorted(str(w.message).split(":")[0] for w in caught if "all negative" in str(w.message)) == sorted(absent)
+    assert [result.thresholds[labels.index(name)] for name in absent] == [0.5] * len(absent)
     assert result.test_metrics["task"] == "multilabel" and len(result.thresholds) == 14
     assert [row["label"] for row in result.test_metrics["per_label"]][:2] == ["Atelectasis", "Cardiomegaly"]
     model = qing.create_model(f"local-dir:{result.best_checkpoint}", pretrained=True)

@@ -101,8 +101,8 @@ def check_image_header(path: PathLike) -> None:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as e:
             raise ImageLoadError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
-        if "PixelData" not in ds and "Rows" not in ds:
-            raise ImageLoadError(path, "DICOM file without an image (no Rows/PixelData)")
+        if "Rows" not in ds:
+            raise ImageLoadError(path, "DICOM file without an image (no Rows)")
         return
     try:
         with Image.open(path) as img:
