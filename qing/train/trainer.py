@@ -173,9 +173,12 @@ class Trainer:
             self._claim_run_dir()
             with self._log_to_file():
                 _log.info(
-                    "%s: %s, %d train / %d val / %d test images, outputs %s",
-                    self.splits.source, self.splits.task, len(self.splits.train), len(self.splits.val),
-                    len(self.splits.test), self.splits.label_names,
+                    "training %s (%.2fM parameters, %.2fM trainable) on %s x %d process(es); %s: %s, outputs %s, "
+                    "%d train / %d val / %d test images",
+                    self.config.model, _millions(self._model.parameters()),
+                    _millions(p for p in self._model.parameters() if p.requires_grad), self.device,
+                    self.env.world_size, self.splits.source, self.splits.task, self.splits.label_names,
+                    len(self.splits.train), len(self.splits.val), len(self.splits.test),
                 )  # fmt: skip
                 self._prepare(last)
                 self._train_loop()
@@ -839,6 +842,10 @@ class Trainer:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+def _millions(params: Iterator[nn.Parameter]) -> float:
+    return sum(p.numel() for p in params) / 1e6
 
 
 def _cat(outputs: list[torch.Tensor]) -> torch.Tensor:
