@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
 import timm
+import torch
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
@@ -237,6 +239,8 @@ def _write_model_folder(
         raise TypeError(
             f"expected a timm model (from qing.create_model or timm.create_model), got {type(model).__name__}"
         )
+    if any(not t.is_contiguous() for t in model.state_dict().values()):  # channels_last: safetensors needs contiguous
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     num_classes = int(model.num_classes)
     meta = get_meta(model)
     if meta.thresholds is not None and len(meta.thresholds) != num_classes:

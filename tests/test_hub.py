@@ -370,3 +370,14 @@ def test_push_needs_a_valid_token(hub, monkeypatch):
     with pytest.raises(Exception, match="Invalid credentials in Authorization header"):
         push_to_hub(_binary_model(), REPO, label_names=["Pneumonia"])
     assert REPO not in hub.state.repos
+
+
+def test_save_pretrained_channels_last_model(tmp_path):
+    """safetensors needs contiguous tensors; a channels_last model saves and reloads unchanged."""
+    model = qing.create_model("qing_test_tr1", num_classes=2).eval()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    model = model.to(memory_format=torch.channels_last)
+    qing.save_pretrained(model, tmp_path / "cl")
+    loaded = qing.create_model(f"local-dir:{tmp_path / 'cl'}", pretrained=True)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.items())
+    assert not model.backbone.conv1[0].weight.is_contiguous()  # the caller's model is left as it was

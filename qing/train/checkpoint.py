@@ -15,7 +15,6 @@ moment leaves either the previous checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -126,8 +125,6 @@ def save_checkpoint(
         The folder.
     """
     model = unwrap_model(model)
-    if any(not t.is_contiguous() for t in model.state_dict().values()):  # channels_last: safetensors needs contiguous
-        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     extra: dict[str, Union[str, bytes]] = {}
     if training_state is not None:
         packed, tensors = pack_state(training_state)
