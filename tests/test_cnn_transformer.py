@@ -53,8 +53,9 @@ def test_original_config_values():
     assert model.blocks[0].mlp.fc1.out_features == 1024 and not model.blocks[0].pre_norm
     assert model.pos_drop.p == model.head_drop.p == model.blocks[0].mlp.drop1.p == 0.2
     assert isinstance(model.backbone.features.norm5.act, nn.Identity)  # torchvision `features` ends at norm5
-    assert model.pretrained_cfg["mean"] == ORIGINAL_MEAN and model.pretrained_cfg["std"] == ORIGINAL_STD
-    config = resolve_data_config(model=model)
+    original = qing.create_model("qing_densenet121_tr2.original")  # no weights, the original preprocessing
+    assert original.pretrained_cfg["mean"] == ORIGINAL_MEAN and original.pretrained_cfg["std"] == ORIGINAL_STD
+    config = resolve_data_config(model=original)
     assert config["crop_mode"] == "squash" and config["crop_pct"] == 1.0  # Resize((224, 224)), no crop
 
 

@@ -211,7 +211,7 @@ def test_unknown_tags_and_models_list_valid_ones():
     with pytest.raises(ValueError) as err:
         qing.create_model("qing_densenet121_tr2.imagenet")
     assert str(err.value) == (
-        "unknown tag 'imagenet' for qing_densenet121_tr2; known tags: chexnet, tv_in1k, xrv_all "
+        "unknown tag 'imagenet' for qing_densenet121_tr2; known tags: chexnet, tv_in1k, xrv_all, original "
         "(e.g. qing_densenet121_tr2.chexnet); see qing.list_pretrained()"
     )
     with pytest.raises(ValueError) as err:
@@ -345,11 +345,18 @@ def test_every_tag_records_source_license_preprocessing_and_labels(name):
     assert create_transform(**config)(image).shape == cfg.input_size
 
 
-def test_default_cfgs_stay_the_original_design():
+def test_default_cfgs():
+    """DenseNet hybrids default to the CheXNet backbone; the weightless cfg keeps the original design."""
     for arch in qing.list_models("qing_*_tr*"):
         cfg = timm.models.get_pretrained_cfg(arch)
-        assert cfg.tag is None and not cfg.has_weights
-        assert cfg.mean == (0.485,) * 3 and cfg.crop_mode == "squash"
+        tags = timm.models.get_arch_pretrained_cfgs(arch)
+        untagged = tags.get(f"{arch}.original", tags.get(arch))
+        assert untagged.mean == (0.485,) * 3 and untagged.crop_mode == "squash" and not untagged.has_weights
+        if arch.startswith("qing_densenet121"):
+            assert cfg.tag == "chexnet" and cfg.file == "chexnet/model.pth.tar"
+            assert cfg.mean == (0.485, 0.456, 0.406)  # CheXNet was trained with ImageNet normalization
+        else:
+            assert cfg.tag is None and not cfg.has_weights
 
 
 # ---- qing's own files through the dispatcher ------------------------------------------------------

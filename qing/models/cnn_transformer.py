@@ -661,17 +661,21 @@ def _xrv_cfg() -> dict[str, Any]:
 
 _TEST_INPUT = dict(input_size=(3, 160, 160), pool_size=(5, 5))
 
-# Tags with weights come first; the untagged cfg (the original design's preprocessing, no weights)
-# is listed last with "*" so timm keeps it as each architecture's default.
+# The DenseNet hybrids default to the CheXNet backbone, as the original design did, so
+# `create_model("qing_densenet121_tr2", pretrained=True)` means CheXNet weights ("*" marks the default);
+# their `.original` tag is the original design's preprocessing without weights (training from scratch,
+# migrated original-hybrid checkpoints). The other architectures default to that weightless cfg, so
+# pretrained=True there asks for a tag.
+_ORIGINAL_NOTE = "The original design's preprocessing (squash resize, mean 0.485 / std 0.229 on every channel)."
 default_cfgs = generate_default_cfgs({
-    "qing_densenet121_tr2.chexnet": _chexnet_cfg(),
+    "qing_densenet121_tr2.chexnet*": _chexnet_cfg(),
     "qing_densenet121_tr2.tv_in1k": _timm_cfg("features.conv0", "densenet121.tv_in1k"),
     "qing_densenet121_tr2.xrv_all": _xrv_cfg(),
-    "qing_densenet121_tr2.*": _cfg("features.conv0", description="The original CNN-Transformer hybrid design."),
-    "qing_densenet121_tr4.chexnet": _chexnet_cfg(),
+    "qing_densenet121_tr2.original": _cfg("features.conv0", description=f"No weights. {_ORIGINAL_NOTE}"),
+    "qing_densenet121_tr4.chexnet*": _chexnet_cfg(),
     "qing_densenet121_tr4.tv_in1k": _timm_cfg("features.conv0", "densenet121.tv_in1k"),
     "qing_densenet121_tr4.xrv_all": _xrv_cfg(),
-    "qing_densenet121_tr4.*": _cfg("features.conv0"),
+    "qing_densenet121_tr4.original": _cfg("features.conv0", description=f"No weights. {_ORIGINAL_NOTE}"),
     "qing_resnet50_tr2.a1_in1k": _timm_cfg("conv1", "resnet50.a1_in1k"),
     "qing_resnet50_tr2.*": _cfg("conv1"),
     "qing_convnext_tiny_tr2.in12k_ft_in1k": _timm_cfg("stem.0", "convnext_tiny.in12k_ft_in1k"),

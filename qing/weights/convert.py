@@ -120,9 +120,10 @@ def _is_hybrid(model_name: str) -> bool:
 
 def _target_cfg(model_name: str, tag: str, source: str) -> dict[str, Any]:
     """The registry cfg of ``model_name.tag`` (or the architecture's default) without weight locations."""
-    tags = get_arch_pretrained_cfgs(model_name)
-    name = f"{model_name}.{tag}" if tag in tags else model_name
-    cfg = pretrained_cfg_dict(get_pretrained_cfg(name))
+    tagged = f"{model_name}.{tag}"
+    cfg = pretrained_cfg_dict(
+        get_pretrained_cfg(tagged if tagged in get_arch_pretrained_cfgs(model_name) else model_name)
+    )
     for key in _SOURCE_KEYS:
         cfg.pop(key, None)
     cfg["file"] = source
@@ -207,7 +208,7 @@ def _convert(
             raise CheckpointError(f"{source}: found {FORMATS[fmt]}, expected a checkpoint for {model_name}")
         sd, kwargs = convert_original_hybrid(state_dict)
         labels = original_label_names(kwargs["num_classes"], label_names)
-        cfg = _with_head(_target_cfg(model_name, "", source), kwargs["num_classes"], labels)
+        cfg = _with_head(_target_cfg(model_name, "original", source), kwargs["num_classes"], labels)
         task = "binary" if kwargs["num_classes"] == 1 else "multilabel"
         return ConvertedCheckpoint(fmt, source, model_name, sd, kwargs, cfg, task)
 
