@@ -1,0 +1,296 @@
+"""What the ``qing`` commands share: errors, options, devices, models from MODEL arguments, labels, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+_log = logging.getLogger("qing.cli")
+
+#: Endings of checkpoint files a MODEL argument may name (converted on the fly).
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt", ".safetensors")
+
+
+class CLIError(Exception):
+    """A user mistake or a failure with a message that says what to do; printed as ``qing: error: ...``."""
+
+
+# ---- options -----------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and example epilogs; wraps option help."""
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` and ``--verbose`` on a subcommand (they may also come before the command)."""
+    group = parser.add_argument_group("output control")
+    group.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error"
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what qing does (INFO level)"
+    )
+
+
+def add_device_flags(parser: argparse.ArgumentParser, *, batch: bool = True, workers: bool = True) -> None:
+    """``--device``, and ``--batch-size`` and ``--num-workers`` where batches are read."""
+    group = parser.add_argument_group("compute")
+    group.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    if batch:
+        group.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    if workers:
+        group.add_argument(
+            "--num-workers", type=non_negative_int, default=0, help="image-reading worker processes (0: in-process)"
+        )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CLIError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} but CUDA is not available here; use --device cpu")
+    return device
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model from a MODEL argument, in eval mode on its device, with what predictions need.
+
+    Attributes:
+        model: The model.
+        name: The MODEL argument as given.
+        source: What was loaded, in words (folder, Hub repo, registry tag, converted file).
+        labels: One name per output (``output_<i>`` where the model has none).
+        task: ``binary``, ``multilabel`` or ``multiclass``.
+        thresholds: Per-output decision thresholds (sigmoid tasks), ``[]`` for multiclass (argmax).
+        threshold_source: Where the thresholds came from, in words.
+    """
+
+    model: nn.Module
+    name: str
+    source: str
+    labels: list[str]
+    task: str
+    thresholds: list[float]
+    threshold_source: str
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether attention maps can be drawn (a qing CNN-Transformer)."""
+        return hasattr(self.model, "forward_attention") and bool(getattr(self.model, "feat_stride", None))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        "/" in spec
+        or os.sep in spec
+        or spec.startswith((".", "~"))
+        or spec.lower().endswith((*CHECKPOINT_SUFFIXES, ".json"))
+    )
+
+
+def _model_folder(path: Path) -> Optional[Path]:
+    """The model folder a path names: itself, a run folder's ``checkpoints/best``, or a weights file's folder."""
+    if path.is_dir():
+        for candidate in (path, path / "checkpoints" / "best"):
+            if (candidate / "config.json").is_file():
+                return candidate
+        return None
+    if path.name == "config.json" or (path.suffix == ".safetensors" and (path.parent / "config.json").is_file()):
+        return path.parent
+    return None
+
+
+def _create(spec: str) -> tuple[nn.Module, str]:
+    """Build the model a MODEL argument names, with its weights; returns ``(model, description)``."""
+    import qing
+    from qing.weights import load_checkpoint_file
+
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return qing.create_model(spec, pretrained=True), spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        folder = _model_folder(path)
+        if folder is not None:
+            return qing.create_model(f"local-dir:{folder}", pretrained=True), f"model folder {folder}"
+        if path.is_dir():
+            raise CLIError(
+                f"{path} is not a model folder: it has no config.json (expected a folder written by qing train, "
+                "qing convert, qing pull or qing.save_pretrained, or a run folder with checkpoints/best)"
+            )
+        converted = load_checkpoint_file(path)
+        _log.warning(
+            "converted %s (%s format) on the fly; save it once with `qing convert %s DIR` and use DIR",
+            path,
+            converted.format,
+            path,
+        )
+        return converted.create_model(), f"{converted.format} checkpoint {path}"
+    if _looks_like_path(spec):
+        hint = f"; for a Hub repo write hf-hub:{spec}" if spec.count("/") == 1 and not spec.startswith(".") else ""
+        raise CLIError(f"model folder or checkpoint not found: {spec}{hint}")
+    model = qing.create_model(spec, pretrained=True)
+    _warn_untrained_head(model, spec)
+    return model, f"registered weights {spec}"
+
+
+def _warn_untrained_head(model: nn.Module, spec: str) -> None:
+    report = getattr(model, "qing_load_report", None)
+    head = model.pretrained_cfg.get("classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    if report is not None and any(k.startswith(tuple(f"{h}." for h in head)) for k in report.filled):
+        _log.warning(
+            "%s holds backbone weights only: its classifier is randomly initialized, so its predictions mean "
+            "nothing until it is fine-tuned (qing train --model %s --pretrained ...)",
+            spec,
+            spec,
+        )
+
+
+def model_labels(model: nn.Module) -> list[str]:
+    """One name per output: the pretrained cfg's ``label_names``, ``output_<i>`` where missing or empty."""
+    num_classes = int(getattr(model, "num_classes", 0))
+    names = list(model.pretrained_cfg.get("label_names") or ())
+    if len(names) != num_classes:
+        names = [""] * num_classes
+    return [str(name) if name else f"output_{i}" for i, name in enumerate(names)]
+
+
+def parse_thresholds(text: Optional[str], num_outputs: int) -> Optional[list[float]]:
+    """``--threshold``: one probability for every output, or a comma-separated list with one per output."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError as err:
+        raise CLIError(f"--threshold expects probabilities like 0.5 or 0.3,0.6, got {text!r}") from err
+    if len(values) == 1:
+        values = values * num_outputs
+    if len(values) != num_outputs:
+        raise CLIError(f"--threshold has {len(values)} values for a model with {num_outputs} outputs")
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise CLIError(f"--threshold values are probabilities in [0, 1], got {text}")
+    return values
+
+
+def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = None) -> LoadedModel:
+    """The model a MODEL argument names, in eval mode on ``device``, with labels, task and thresholds.
+
+    MODEL is a folder written by ``qing train`` / ``convert`` / ``pull`` (or a run folder, meaning its
+    ``checkpoints/best``), ``hf-hub:owner/name[@revision]``, ``local-dir:PATH``, a registered
+    ``architecture.tag``, or a foreign checkpoint file (converted on the fly).
+    """
+    from qing.meta import get_meta
+
+    model, source = _create(spec)
+    model = model.eval().to(device)
+    labels = model_labels(model)
+    meta = get_meta(model)
+    task = meta.task or ("binary" if len(labels) == 1 else "multilabel")
+    override = parse_thresholds(threshold, len(labels))
+    if task == "multiclass":
+        if override is not None:
+            raise CLIError("--threshold does not apply to a multiclass model (the decision is the argmax)")
+        thresholds, where = [], "argmax (multiclass)"
+    elif override is not None:
+        thresholds, where = override, "--threshold"
+    elif meta.thresholds is not None and len(meta.thresholds) == len(labels):
+        method = f", {meta.threshold_method}" if meta.threshold_method else ""
+        thresholds, where = list(meta.thresholds), f"stored with the model{method}"
+    else:
+        thresholds, where = [0.5] * len(labels), "default 0.5 (the model has no stored thresholds)"
+    return LoadedModel(model, spec, source, labels, task, thresholds, where)
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+
+def check_new_file(path: Path, *, overwrite: bool, what: str = "output") -> None:
+    """Refuse to replace an existing file unless ``overwrite``."""
+    if path.is_dir():
+        raise CLIError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise CLIError(f"{what} {path} already exists; pass --overwrite to replace it or choose another name")
+
+
+def check_new_folder(path: Path, *, overwrite: bool, what: str = "output folder") -> None:
+    """Refuse a non-empty existing folder (or a file in the way) unless ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{what} {path} exists and is a file; give a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CLIError(f"{what} {path} already exists and is not empty; pass --overwrite or choose another folder")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it (no half-written outputs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, max_width: int = 60) -> str:
+    """A plain-text table: left-aligned columns separated by two spaces, cells cut to ``max_width``."""
+
+    def cut(value: Any) -> str:
+        text = str(value)
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    cells = [[cut(h) for h in headers]] + [[cut(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def short_path(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it, else as given."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def terminal_width() -> int:
+    """Columns of the terminal (80 when not a terminal)."""
+    return shutil.get_terminal_size((80, 24)).columns

@@ -1,0 +1,314 @@
+"""``qing eval MODEL DATA``: metrics and the evaluation report of a model on labelled images."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from qing.cli._common import (
+    CLIError,
+    HelpFormatter,
+    LoadedModel,
+    add_common_flags,
+    add_device_flags,
+    check_new_folder,
+    load_model,
+    resolve_device,
+    short_path,
+    write_text_atomic,
+)
+from qing.cli._inference import run_batches
+
+EPILOG = """\
+examples:
+  qing eval runs/pneumonia data/chest_xray                 # DATA/test/<CLASS>/* (or DATA/<CLASS>/*)
+  qing eval runs/pneumonia data/chest_xray --split val
+  qing eval runs/pneumonia manifest.csv --label-column label --output reports/pneumonia
+  qing eval runs/nih nih/labels.csv --split-column repo_split --split test   # 0/1 columns named like the outputs
+  qing eval qing_chexnet_densenet121.chexnet test_list.txt --image-dir images/
+
+DATA is a folder of class folders, a CSV (a class-name column, or one 0/1 column per model output)
+or a ChestX-ray14 list file (image name, then one 0/1 per output). Class names must match the model's
+labels (a binary model: its positive class and one other). Decisions use the model's stored
+thresholds, else 0.5. The output folder gets report.html/report.md, metrics.json, figures and
+predictions.csv.
+"""
+
+_SPLITS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+_NEGATIVE_NAMES = ("normal", "no finding", "no_finding", "negative", "healthy")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluation report of a model on labelled images",
+        description="Evaluate a model on a labelled folder, CSV or list file and write the report.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+    parser.add_argument("data", metavar="DATA", type=Path, help="class folders, labels CSV or list file")
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--split", choices=sorted(_SPLITS), help="which split of DATA (default: test where DATA has splits)"
+    )
+    data.add_argument("--split-column", help="CSV column assigning rows to train/val/test")
+    data.add_argument("--path-column", default="path", help="CSV column with the image path (default: path)")
+    data.add_argument("--label-column", help="CSV column with a class name per row (default: 'label' if present)")
+    data.add_argument("--image-dir", type=Path, help="folder the CSV / list-file paths start from")
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--output", type=Path, help="report folder (default: eval-<DATA name>)")
+    out.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty report folder")
+    out.add_argument("--threshold", metavar="P", help="decision threshold(s) instead of the model's (comma-separated)")
+    out.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of the AUROC interval")
+    out.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    out.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only on a terminal)",
+    )
+    add_device_flags(parser)
+    add_common_flags(parser)
+    parser.set_defaults(func=run)
+
+
+# ---- reading the labelled data ---------------------------------------------------------------------
+
+
+def _match(name: str, choices: list[str]) -> Optional[str]:
+    if name in choices:
+        return name
+    folded = [c for c in choices if c.lower() == name.lower()]
+    return folded[0] if len(folded) == 1 else None
+
+
+def _class_folder(data: Path, split: Optional[str]) -> Path:
+    present = [name for names in _SPLITS.values() for name in names if (data / name).is_dir()]
+    if not present:
+        if split is not None:
+            raise CLIError(f"--split {split}: {data} has no train/val/test folders, only class folders")
+        return data
+    wanted = split or "test"
+    folder = next((data / n for n in _SPLITS[wanted] if (data / n).is_dir()), None)
+    if folder is None:
+        raise CLIError(f"{data} has no {wanted} folder (found {', '.join(present)}); choose one with --split")
+    return folder
+
+
+def _class_targets(
+    items: list[tuple[Path, str]], classes: list[str], loaded: LoadedModel, source: str
+) -> tuple[list[Any], Optional[str]]:
+    """Targets of class-name data for the model's task, and the binary negative class name."""
+    labels, task = loaded.labels, loaded.task
+    if task == "multilabel":
+        raise CLIError(
+            f"{loaded.name} has {len(labels)} outputs (multilabel: {', '.join(labels[:4])}"
+            f"{', ...' if len(labels) > 4 else ''}) but {source} has {len(classes)} classes ({', '.join(classes)}); "
+            "evaluate it on a CSV or list file with one 0/1 column per output"
+        )
+    if task == "binary":
+        if len(classes) > 2:
+            raise CLIError(
+                f"{loaded.name} is a binary model ({labels[0]} or not) but {source} has {len(classes)} classes "
+                f"({', '.join(classes)}); give data with two classes"
+            )
+        positive = _match(labels[0], classes)
+        if positive is None and labels[0] == "output_0" and len(classes) == 2:
+            negatives = [c for c in classes if c.lower() in _NEGATIVE_NAMES]
+            positive = next(c for c in classes if c not in negatives[:1]) if negatives else classes[1]
+        if positive is None:
+            raise CLIError(
+                f"the positive class of {loaded.name}, {labels[0]!r}, is not a class of {source} "
+                f"({', '.join(classes)}); rename the class folder or column value to {labels[0]!r}"
+            )
+        negative = next((c for c in classes if c != positive), None)
+        return [int(name == positive) for _, name in items], negative
+    unknown = [c for c in classes if _match(c, labels) is None]
+    if unknown:
+        raise CLIError(
+            f"{source} has classes the model does not predict: {', '.join(unknown)}; "
+            f"{loaded.name} has {len(labels)} outputs ({', '.join(labels)})"
+        )
+    return [labels.index(_match(name, labels)) for _, name in items], None
+
+
+def read_samples(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
+    """``(samples, binary negative class name, description)`` of DATA for the model's outputs."""
+    from qing.data import Sample, read_class_folders, read_list_file
+
+    data: Path = args.data
+    if not data.exists():
+        raise CLIError(f"DATA {data} does not exist; give a folder of class folders, a labels CSV or a list file")
+    if data.is_dir():
+        folder = _class_folder(data, args.split)
+        items, classes = read_class_folders(folder)
+        targets, negative = _class_targets(items, classes, loaded, f"{folder}")
+        return [Sample(p, t) for (p, _), t in zip(items, targets)], negative, f"{folder} ({len(items)} images)"
+    if data.suffix.lower() == ".csv":
+        return _read_csv(args, loaded)
+    if loaded.task == "multiclass":
+        raise CLIError(f"list file {data} holds 0/1 columns but {loaded.name} is a multiclass model")
+    samples, _ = read_list_file(data, image_dir=args.image_dir, label_names=loaded.labels)
+    if loaded.task == "binary":
+        samples = [Sample(s.path, s.target[0], s.patient) for s in samples]
+    return samples, None, f"{data} ({len(samples)} images)"
+
+
+def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
+    from qing.data import Sample, read_label_csv
+
+    data: Path = args.data
+    with open(data, newline="") as f:
+        header = next(csv.reader(f), [])
+    label_column, label_columns = args.label_column, None
+    if label_column is None:
+        if loaded.task != "multiclass" and all(name in header for name in loaded.labels):
+            label_columns = list(loaded.labels)
+        elif "label" in header:
+            label_column = "label"
+        else:
+            raise CLIError(
+                f"{data} has neither a 0/1 column per model output ({', '.join(loaded.labels[:4])}"
+                f"{', ...' if len(loaded.labels) > 4 else ''}) nor a 'label' column; name the class column with "
+                f"--label-column (columns: {', '.join(header)})"
+            )
+    if args.split is not None and args.split_column is None:
+        raise CLIError("--split needs --split-column for a CSV (the column holding train/val/test)")
+    rows, _ = read_label_csv(
+        data,
+        image_dir=args.image_dir,
+        path_column=args.path_column,
+        label_column=label_column,
+        label_columns=label_columns,
+        split_column=args.split_column,
+    )
+    if args.split_column:
+        wanted = _SPLITS[args.split or "test"]
+        rows = [r for r in rows if (r.split or "").lower() in wanted]
+        if not rows:
+            raise CLIError(f"no rows of {data} have {args.split_column} in {', '.join(wanted)}")
+    source = f"{data}" + (f" ({args.split_column} = {args.split or 'test'})" if args.split_column else "")
+    if label_columns is not None:
+        targets: list[Any] = [r.labels[0] if loaded.task == "binary" else r.labels for r in rows]
+        negative = None
+    else:
+        classes = sorted({r.labels for r in rows})
+        targets, negative = _class_targets([(r.path, r.labels) for r in rows], classes, loaded, source)
+    return [Sample(r.path, t) for r, t in zip(rows, targets)], negative, f"{source} ({len(rows)} images)"
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from qing.data import BadFileLog, CXRDataset, build_transforms
+    from qing.evaluate import compute_metrics, probabilities, write_report
+
+    out = args.output or Path(f"eval-{args.data.stem or 'data'}")
+    check_new_folder(out, overwrite=args.overwrite)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device, threshold=args.threshold)
+    samples, negative, description = read_samples(args, loaded)
+    transform = build_transforms(loaded.model, train=False)
+    dataset = CXRDataset(samples, task=loaded.task, transform=transform)
+
+    bad_files = BadFileLog()
+    indices: list[int] = []
+    logits = []
+    shown = None
+    for batch in run_batches(
+        loaded.model,
+        dataset,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=args.progress,
+        desc="eval",
+    ):
+        for bad in batch.bad:
+            bad_files.add(bad.path, bad.reason)
+        if batch.indices:
+            indices += batch.indices
+            logits.append(batch.logits)
+            if shown is None:
+                shown = batch.images[:4].cpu()
+    if not indices:
+        raise CLIError(f"none of the {len(dataset)} images of {description} could be read")
+    import torch
+
+    probs = probabilities(torch.cat(logits).numpy(), loaded.task)
+    targets = dataset.targets[indices].numpy().astype(np.int64)
+    from_model = loaded.threshold_source.startswith("stored")
+    method = loaded.model.qing_meta.threshold_method if from_model else None
+    if loaded.threshold_source == "--threshold":
+        method = "given (--threshold)"
+    metrics = compute_metrics(
+        targets,
+        probs,
+        task=loaded.task,
+        label_names=loaded.labels,
+        thresholds=loaded.thresholds or None,
+        threshold_method=method,
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+        negative_label=negative,
+    )
+    report = write_report(
+        out,
+        metrics=metrics,
+        targets=targets,
+        probs=probs,
+        label_names=loaded.labels,
+        task=loaded.task,
+        model=loaded.model if loaded.has_attention else None,
+        images=shown if loaded.has_attention else None,
+        mean=transform.mean,
+        std=transform.std,
+        bad_files=bad_files,
+        title=f"{args.model} on {args.data.name}",
+    )
+    paths = [str(dataset.samples[i].path) for i in indices]
+    write_text_atomic(out / "predictions.csv", _predictions_csv(paths, targets, probs, loaded))
+    _print_summary(metrics, loaded, description, len(bad_files))
+    print(f"report: {short_path(report)}")
+    if bad_files:
+        print(f"qing: error: {len(bad_files)} image(s) could not be read (listed in the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _predictions_csv(paths: list[str], targets: np.ndarray, probs: np.ndarray, loaded: LoadedModel) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if loaded.task == "multiclass":
+        writer.writerow(["path", "target", *(f"prob_{n}" for n in loaded.labels)])
+        for path, t, p in zip(paths, targets, probs):
+            writer.writerow([path, loaded.labels[int(t)], *(repr(float(v)) for v in p)])
+    else:
+        writer.writerow(["path", *(f"target_{n}" for n in loaded.labels), *(f"prob_{n}" for n in loaded.labels)])
+        for path, t, p in zip(paths, targets, probs):
+            writer.writerow([path, *(int(v) for v in np.atleast_1d(t)), *(repr(float(v)) for v in p)])
+    return buffer.getvalue()
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "undefined"
+
+
+def _print_summary(metrics: dict[str, Any], loaded: LoadedModel, description: str, n_bad: int) -> None:
+    ci = metrics.get("roc_auc_ci")
+    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    print(f"{loaded.name} on {description}" + (f", {n_bad} unreadable" if n_bad else ""))
+    print(f"  AUROC {_number(metrics.get('roc_auc'))}{interval}, PR-AUC {_number(metrics.get('pr_auc'))}")
+    print(
+        f"  accuracy {_number(metrics.get('accuracy'))}, sensitivity {_number(metrics.get('sensitivity'))}, "
+        f"specificity {_number(metrics.get('specificity'))}, F1 {_number(metrics.get('f1'))}"
+    )
+    print(f"  thresholds: {loaded.threshold_source}")

@@ -1,0 +1,126 @@
+"""``qing models [PATTERN]``: the registry as a table: names and tags, size, input, labels, local weights."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+from typing import Any
+
+from qing.cli._common import HelpFormatter, add_common_flags, format_table
+
+EPILOG = """\
+examples:
+  qing models                      every architecture and weight tag
+  qing models densenet             names containing "densenet"
+  qing models 'qing_xrv_*' --pretrained
+  qing models --format json
+
+weights column: "-" = random initialization (no weights), "local: PATH" = a file found on this
+machine, "cached" = in the Hugging Face cache, "download" = fetched from the Hub on first use,
+"missing" = not available (qing.create_model(..., pretrained=True) explains where to put them).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list architectures and weight tags",
+        description="List the registered qing architectures and weight tags.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "pattern", nargs="?", default="*", metavar="PATTERN", help="wildcard or substring of the name (default: all)"
+    )
+    parser.add_argument("--pretrained", action="store_true", help="only tags with weights")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    add_common_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def weights_status(full_name: str, cfg: Any) -> str:
+    """Where the weights of a pretrained cfg are on this machine, using qing's own lookup (no download)."""
+    from qing.weights import WeightsNotFoundError, locate_weights
+    from qing.weights.pretrained import _hub_cached  # the lookup's cache check: the same answer as loading
+
+    if not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict is not None):
+        return "-"
+    try:
+        kind, location = locate_weights(cfg, variant=full_name.split(".")[0])
+    except WeightsNotFoundError:
+        return "missing"
+    if kind in ("file", "local-dir"):
+        return f"local: {location}"
+    if kind == "hf-hub":
+        return "cached" if _hub_cached(cfg, None) else "download"
+    return "download" if kind == "url" else kind
+
+
+def _param_count(arch: str, num_classes: int) -> int:
+    import qing
+
+    model = qing.create_model(arch, num_classes=num_classes, device="meta")  # no memory, no weights
+    return sum(p.numel() for p in model.parameters())
+
+
+def collect(pattern: str, *, pretrained: bool) -> list[dict[str, Any]]:
+    """One row per architecture and tag whose name matches ``pattern`` (a wildcard, else a substring)."""
+    from timm.models import get_arch_pretrained_cfgs
+
+    import qing
+
+    wildcard = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    rows, params = [], {}
+    for arch in qing.list_models():
+        for full_name, cfg in get_arch_pretrained_cfgs(arch).items():
+            if not fnmatch.fnmatch(full_name, wildcard):
+                continue
+            status = weights_status(full_name, cfg)
+            if pretrained and status == "-":
+                continue
+            key = (arch, cfg.num_classes or 0)
+            if key not in params:
+                params[key] = _param_count(*key)
+            labels = [str(name) for name in (cfg.label_names or ())]
+            rows.append(
+                {
+                    "name": full_name,
+                    "params": params[key],
+                    "input_size": list(cfg.input_size),
+                    "num_classes": cfg.num_classes,
+                    "labels": labels,
+                    "weights": status,
+                }
+            )
+    return rows
+
+
+def _labels_cell(row: dict[str, Any]) -> str:
+    labels = [name or "(unused)" for name in row["labels"]]
+    if not labels:
+        return f"{row['num_classes']} outputs"
+    shown = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+    return f"{len(labels)}: {shown}"
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = collect(args.pattern, pretrained=args.pretrained)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no qing models match {args.pattern!r}; `qing models` lists them all")
+        return 0
+    table = [
+        [
+            row["name"],
+            f"{row['params'] / 1e6:.2f} M",
+            "x".join(map(str, row["input_size"])),
+            _labels_cell(row),
+            row["weights"],
+        ]
+        for row in rows
+    ]
+    print(format_table(["name", "params", "input", "labels", "weights"], table, max_width=60))
+    return 0

@@ -1,0 +1,278 @@
+"""``qing predict MODEL INPUT...``: probabilities and decisions for image files, as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from qing.cli._common import (
+    CLIError,
+    HelpFormatter,
+    LoadedModel,
+    add_common_flags,
+    add_device_flags,
+    check_new_file,
+    format_table,
+    load_model,
+    resolve_device,
+    write_text_atomic,
+)
+from qing.cli._inference import ImageFiles, expand_inputs, run_batches
+
+EPILOG = """\
+examples:
+  qing predict runs/pneumonia chest.png
+  qing predict runs/pneumonia scans/ 'more/**/*.dcm' --output predictions.csv
+  qing predict hf-hub:me/cxr-pneumonia images/ --format json --output predictions.json --heatmaps heatmaps/
+  qing predict qing_xrv_densenet121.all chest.dcm --threshold 0.6
+
+MODEL is a model folder (a run folder means its checkpoints/best), hf-hub:owner/name[@revision],
+local-dir:PATH, a registered architecture.tag with weights, or a checkpoint file (converted on the fly).
+The decision uses the thresholds stored with the model (chosen on validation data by qing train),
+else 0.5; a multiclass model predicts the most probable class. Unreadable files are reported and
+skipped; the exit code is then 1, and the other images are still written.
+"""
+
+
+@dataclass
+class Prediction:
+    """One input: its probabilities and decisions, or why it could not be read."""
+
+    path: str
+    probabilities: Optional[list[float]] = None
+    error: Optional[str] = None
+    heatmap: Optional[str] = None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="probabilities and decisions for image files (PNG, JPEG, DICOM)",
+        description="Run a model on image files, folders or glob patterns; print a table, write CSV or JSON.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+    parser.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (recursive) or glob patterns")
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--output", type=Path, help="write the predictions to this file (CSV or JSON)")
+    out.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        help="output format (default: from the --output suffix, else a table on stdout)",
+    )
+    out.add_argument("--heatmaps", type=Path, metavar="DIR", help="save class-token attention overlays as PNG here")
+    out.add_argument("--overwrite", action="store_true", help="replace existing output and heatmap files")
+    out.add_argument(
+        "--threshold",
+        metavar="P",
+        help="decision threshold(s) instead of the model's: one probability, or one per output (comma-separated)",
+    )
+    out.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only on a terminal)",
+    )
+    add_device_flags(parser)
+    add_common_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.format is not None:
+        if args.output is not None and args.format == "table":
+            raise CLIError("--format table prints to stdout; use csv or json with --output")
+        return args.format
+    if args.output is None:
+        return "table"
+    suffix = args.output.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise CLIError(f"cannot tell the format of {args.output} from its suffix; use .csv or .json, or --format")
+    return suffix[1:]
+
+
+def _heatmap_names(paths: list[Path], folder: Path) -> list[Path]:
+    """``<stem>.png`` per input, ``<stem>-2.png``, ... where stems repeat."""
+    used: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = path.name.split(".")[0] or path.name
+        count = used.get(stem, 0) + 1
+        used[stem] = count
+        names.append(folder / (f"{stem}.png" if count == 1 else f"{stem}-{count}.png"))
+    return names
+
+
+def _decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
+    """Names of the positive outputs (sigmoid tasks) or of the predicted class (multiclass)."""
+    if loaded.task == "multiclass":
+        return [loaded.labels[int(np.argmax(probs))]]
+    return [name for name, p, t in zip(loaded.labels, probs, loaded.thresholds) if p >= t]
+
+
+def run(args: argparse.Namespace) -> int:
+    from qing.data import build_transforms
+    from qing.evaluate import probabilities
+    from qing.explain import class_token_heatmap, denormalize, overlay
+
+    fmt = _output_format(args)
+    if args.output is not None:
+        check_new_file(args.output, overwrite=args.overwrite)
+    inputs = expand_inputs(args.inputs)
+    heatmap_paths: list[Path] = []
+    if args.heatmaps is not None:
+        if args.heatmaps.exists() and not args.heatmaps.is_dir():
+            raise CLIError(f"--heatmaps {args.heatmaps} is a file; give a folder")
+        heatmap_paths = _heatmap_names(inputs.files, args.heatmaps)
+        existing = [p for p in heatmap_paths if p.exists()]
+        if existing and not args.overwrite:
+            raise CLIError(
+                f"{len(existing)} heatmap file(s) already exist (e.g. {existing[0]}); "
+                "pass --overwrite or choose another --heatmaps folder"
+            )
+    if not inputs.files:
+        reasons = "; ".join(f"{arg}: {why}" for arg, why in inputs.missing)
+        raise CLIError(f"no images to predict ({reasons})")
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device, threshold=args.threshold)
+    if heatmap_paths and not loaded.has_attention:
+        raise CLIError(f"--heatmaps needs a qing CNN-Transformer with attention maps; {args.model} has none")
+    transform = build_transforms(loaded.model, train=False)
+    results = [Prediction(str(p)) for p in inputs.files]
+    failed = [Prediction(arg, error=why) for arg, why in inputs.missing]
+    for arg, why in inputs.missing:
+        print(f"qing: skipped {arg}: {why}", file=sys.stderr)
+
+    dataset = ImageFiles(inputs.files, transform)
+    for batch in run_batches(
+        loaded.model,
+        dataset,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=args.progress,
+        desc="predict",
+    ):
+        for bad in batch.bad:
+            results[bad.index].error = bad.reason
+            print(f"qing: skipped {bad.path}: {bad.reason}", file=sys.stderr)
+        if not batch.indices:
+            continue
+        probs = probabilities(batch.logits.numpy(), loaded.task)
+        for index, row in zip(batch.indices, probs):
+            results[index].probabilities = [float(p) for p in row]
+        if heatmap_paths:
+            heat = class_token_heatmap(loaded.model, batch.images)
+            pictures = denormalize(batch.images, transform.mean, transform.std)
+            for index, picture, heatmap in zip(batch.indices, pictures, heat):
+                target = heatmap_paths[index]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(overlay(picture, heatmap)).save(target)
+                results[index].heatmap = str(target)
+
+    everything = failed + results
+    n_bad = sum(1 for r in everything if r.error is not None)
+    if fmt == "table":
+        print(_table(loaded, results))
+    else:
+        text = _csv(loaded, everything, heatmaps=bool(heatmap_paths)) if fmt == "csv" else _json(loaded, everything)
+        if args.output is None:
+            sys.stdout.write(text)
+        else:
+            write_text_atomic(args.output, text)
+    ok = len(everything) - n_bad
+    where = f" -> {args.output}" if args.output is not None else ""
+    print(
+        f"qing: {ok} image(s) predicted{where}; thresholds: {_threshold_text(loaded)}"
+        + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else ""),
+        file=sys.stderr,
+    )
+    if n_bad:
+        print(f"qing: error: {n_bad} of {len(everything)} input(s) could not be read (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _threshold_text(loaded: LoadedModel) -> str:
+    if loaded.task == "multiclass":
+        return loaded.threshold_source
+    values = ", ".join(f"{t:.3g}" for t in loaded.thresholds[:6]) + (", ..." if len(loaded.thresholds) > 6 else "")
+    return f"{values} ({loaded.threshold_source})"
+
+
+def _table(loaded: LoadedModel, results: list[Prediction]) -> str:
+    few = len(loaded.labels) <= 4
+    headers = ["image", *(loaded.labels if few else ["top output"]), "decision"]
+    rows = []
+    for r in results:
+        if r.probabilities is None:
+            rows.append([r.path, *(["-"] * (len(headers) - 2)), "unreadable"])
+            continue
+        decision = _decisions(loaded, r.probabilities)
+        if loaded.task == "binary":
+            shown = loaded.labels[0] if decision else "negative"
+        else:
+            shown = ", ".join(decision) or "none above threshold"
+        if few:
+            probs = [f"{p:.4f}" for p in r.probabilities]
+        else:
+            top = int(np.argmax(r.probabilities))
+            probs = [f"{loaded.labels[top]} {r.probabilities[top]:.4f}"]
+        rows.append([r.path, *probs, shown])
+    return format_table(headers, rows, max_width=70)
+
+
+def _csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    prob_cols = [f"prob_{name}" for name in loaded.labels]
+    decision_cols = ["predicted"] if loaded.task == "multiclass" else [f"positive_{name}" for name in loaded.labels]
+    writer.writerow(["path", *prob_cols, *decision_cols, *(["heatmap"] if heatmaps else []), "error"])
+    for r in results:
+        if r.probabilities is None:
+            cells: list[Any] = [""] * (len(prob_cols) + len(decision_cols))
+        else:
+            if loaded.task == "multiclass":
+                decisions: list[Any] = _decisions(loaded, r.probabilities)
+            else:
+                decisions = [int(p >= t) for p, t in zip(r.probabilities, loaded.thresholds)]
+            cells = [repr(p) for p in r.probabilities] + decisions
+        writer.writerow([r.path, *cells, *([r.heatmap or ""] if heatmaps else []), r.error or ""])
+    return buffer.getvalue()
+
+
+def _json(loaded: LoadedModel, results: list[Prediction]) -> str:
+    predictions, failed = [], []
+    for r in results:
+        if r.probabilities is None:
+            failed.append({"path": r.path, "error": r.error})
+            continue
+        entry: dict[str, Any] = {"path": r.path, "probabilities": dict(zip(loaded.labels, r.probabilities))}
+        if loaded.task == "multiclass":
+            entry["predicted"] = _decisions(loaded, r.probabilities)[0]
+        else:
+            entry["positive"] = _decisions(loaded, r.probabilities)
+        if r.heatmap:
+            entry["heatmap"] = r.heatmap
+        predictions.append(entry)
+    document = {
+        "model": loaded.name,
+        "task": loaded.task,
+        "labels": loaded.labels,
+        "thresholds": loaded.thresholds,
+        "threshold_source": loaded.threshold_source,
+        "predictions": predictions,
+        "failed": failed,
+    }
+    return json.dumps(document, indent=2) + "\n"
