@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"outputs: {model.num_classes}" + (f" ({', '.join(labels)})" if labels else " (no label names)"))
     meta = model.qing_meta if hasattr(model, "qing_meta") else None
     if meta is not None and meta.thresholds is not None:
-        print(f"thresholds: {', '.join(f'{t:.3g}' for t in meta.thresholds)}")
+        origin = " (from the checkpoint)" if converted.thresholds is not None else ""
+        print(f"thresholds: {', '.join(f'{t:.3g}' for t in meta.thresholds)}{origin}")
     mean = ", ".join(f"{v:.4g}" for v in cfg["mean"])
     std = ", ".join(f"{v:.4g}" for v in cfg["std"])
     print(
