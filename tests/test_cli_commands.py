@@ -5,6 +5,7 @@ subprocess in test_cli.py; this is the same function without the interpreter sta
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 
@@ -19,6 +20,7 @@ from qing.data import DataConfig, build_transforms, load_image
 from qing.meta import set_meta
 from qing.train import TrainConfig
 from tests.make_fake_data import write_class_folders
+from tests.test_cli import read_csv
 from tests.train_helpers import one_thread
 
 
@@ -300,3 +302,38 @@ def test_failures_that_are_not_user_mistakes_name_the_exception_and_debug(work, 
         main(["predict"])
     assert usage.value.code == 2
     assert "qing predict: error: the following arguments are required: MODEL, INPUT" in _error(capsys)
+
+
+def test_eval_multilabel_from_csv_columns_and_a_list_file(work, capsys, tmp_path, nih_64):
+    labels = ["Effusion", "Atelectasis", "Hernia"]  # three of the CSV's 14 label columns, in another order
+    model = qing.create_model("qing_test_tr1", num_classes=3).eval()
+    set_meta(model, task="multilabel", thresholds=[0.5, 0.5, 0.25])
+    qing.save_pretrained(model, tmp_path / "cxr14", label_names=labels, data_config={"input_size": (3, 64, 64)})
+    with open(nih_64 / "labels.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    subset = rows[:16] + rows[-16:]  # the first 16 are train, the last 16 test
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(subset)
+    rows = [r for r in subset if r["repo_split"] == "test"]
+    assert len(rows) == 16
+
+    argv = ["eval", str(tmp_path / "cxr14"), str(tmp_path / "labels.csv"), "--image-dir", str(nih_64)]
+    assert main([*argv, "--split-column", "repo_split", "-o", str(tmp_path / "ev"), "--n-bootstrap", "10"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["n_samples"] == len(rows)
+    assert [r["label"] for r in metrics["per_label"]] == labels and metrics["thresholds"] == [0.5, 0.5, 0.25]
+    predicted = read_csv(tmp_path / "ev" / "predictions.csv")
+    assert [p["path"] for p in predicted] == [str(nih_64 / r["path"]) for r in rows]
+    assert [[int(p[f"target_{n}"]) for n in labels] for p in predicted] == [[int(r[n]) for n in labels] for r in rows]
+    assert "thresholds: stored with the model" in capsys.readouterr().out
+
+    listed = tmp_path / "test_list.txt"
+    listed.write_text("".join(f"{r['path']} {' '.join(r[n] for n in labels)}\n" for r in rows[:5]))
+    argv = ["eval", str(tmp_path / "cxr14"), str(listed), "--image-dir", str(nih_64), "-o", str(tmp_path / "ev2")]
+    assert main([*argv, "--n-bootstrap", "10"]) == 0
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["n_samples"] == 5
+    first = read_csv(tmp_path / "ev2" / "predictions.csv")[0]
+    assert [first[f"prob_{n}"] for n in labels] == [predicted[0][f"prob_{n}"] for n in labels]

@@ -34,7 +34,7 @@ __all__ = ["build_parser", "main"]
 
 _EPILOG = """\
 start here:
-  qing demo                                   synthetic data -> fine-tuned model -> report (CPU, minutes)
+  qing demo                                   synthetic data -> trained model -> report (CPU, minutes)
   qing models                                 architectures and weights
   qing train DATA --model qing_densenet121_tr2 --img-size 224 --output-dir runs/pneumonia
   qing eval runs/pneumonia TEST_DATA          report on labelled images
