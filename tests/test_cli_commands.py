@@ -297,7 +297,9 @@ def test_failures_that_are_not_user_mistakes_name_the_exception_and_debug(work, 
         "qing: error: RuntimeError: registry exploded (run again with --debug for the traceback)\n"
     )
     with pytest.raises(RuntimeError, match="registry exploded"):
-        main(["models", "--debug"])
+        main(["models", "--debug"])  # the console script then prints the traceback and exits 1
+    with pytest.raises(ValueError, match="unknown model 'qing_nosuch_tr1'"):
+        main(["--debug", "explain", "qing_nosuch_tr1", _images(work)[0], "-o", "new.png"])
     with pytest.raises(SystemExit) as usage:
         main(["predict"])
     assert usage.value.code == 2

@@ -82,14 +82,18 @@ def test_push_then_pull_online_and_offline(hub, tmp_path):
         assert (tmp_path / "pulled-offline" / name).read_bytes() == files[name]
 
 
-def test_pull_offline_without_a_cached_copy_fails_in_one_line(hub, tmp_path):
-    result = run_qing("pull", "qing-tester/never-pushed", "out", cwd=tmp_path, env=_hub_env(hub, HF_HUB_OFFLINE="1"))
-    assert result.returncode == 1
-    assert result.stderr.startswith(
+def test_pull_offline_without_a_cached_copy_fails_in_one_line(hub, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    assert main(["pull", "qing-tester/never-pushed", "out", "--cache-dir", str(hub.cache_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
         "qing: error: Hub repo 'qing-tester/never-pushed' (config.json) is not in the local Hub cache "
         f"({hub.cache_dir}) and offline mode is on (HF_HUB_OFFLINE=1); "
     )
-    assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
     assert hub.state.requests == []
 
 
