@@ -63,12 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """``qing: warning: ...`` for warnings and errors, ``qing.train: ...`` for progress records."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if record.levelno >= logging.WARNING:
+            return f"qing: {record.levelname.lower()}: {message}"
+        return f"{record.name}: {message}"
+
+
 @contextlib.contextmanager
 def _console(verbose: bool) -> Iterator[None]:
     """Log records and Python warnings as short ``qing`` lines on stderr, for the duration of a command."""
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_ConsoleFormatter())
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -233,7 +233,7 @@ def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = No
         method = f", {meta.threshold_method}" if meta.threshold_method else ""
         thresholds, where = list(meta.thresholds), f"stored with the model{method}"
     else:
-        thresholds, where = [0.5] * len(labels), "default 0.5 (the model has no stored thresholds)"
+        thresholds, where = [0.5] * len(labels), "default: the model has no stored thresholds"
     return LoadedModel(model, spec, source, labels, task, thresholds, where)
 
 

@@ -208,6 +208,8 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from qing.data import BadFileLog, CXRDataset, build_transforms
     from qing.evaluate import compute_metrics, probabilities, write_report
 
@@ -241,8 +243,6 @@ def run(args: argparse.Namespace) -> int:
                 shown = batch.images[:4].cpu()
     if not indices:
         raise CLIError(f"none of the {len(dataset)} images of {description} could be read")
-    import torch
-
     probs = probabilities(torch.cat(logits).numpy(), loaded.task)
     targets = dataset.targets[indices].numpy().astype(np.int64)
     from_model = loaded.threshold_source.startswith("stored")
