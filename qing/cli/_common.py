@@ -48,10 +48,14 @@ def add_device_flags(parser: argparse.ArgumentParser, *, batch: bool = True, wor
     group = parser.add_argument_group("compute")
     group.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     if batch:
-        group.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+        group.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per forward pass")
     if workers:
         group.add_argument(
-            "--num-workers", type=non_negative_int, default=0, help="image-reading worker processes (0: in-process)"
+            "--num-workers",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="image-reading worker processes (0: in-process)",
         )
 
 

@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src", metavar="SRC", type=Path, help="the checkpoint file")
     parser.add_argument("dst", metavar="DST", type=Path, help="the model folder to write")
-    parser.add_argument("--model", help="target qing architecture (default: the format's, see the examples)")
+    parser.add_argument(
+        "--model", metavar="ARCH", help="target qing architecture (default: the format's, see the examples)"
+    )
     parser.add_argument("--label-names", nargs="+", metavar="NAME", help="output names instead of the format's")
     parser.add_argument(
         "--trust-pickle", action="store_true", help="allow full unpickling of SRC (runs code: trusted files only)"

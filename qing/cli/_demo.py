@@ -50,24 +50,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="synthetic data -> trained model -> evaluation report, offline, in minutes on a CPU",
         description=(
-            "Generate a small seeded SYNTHETIC two-class chest-X-ray-like dataset, train a qing model on it, "
-            "evaluate it and write the full report; no download needed."
+            "Generate a small seeded SYNTHETIC two-class chest-X-ray-like dataset, train a qing model on it,\n"
+            "evaluate it and write the full report; nothing is downloaded."
         ),
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("-o", "--output", type=Path, default=Path("qing-demo"), help="demo folder (default: qing-demo)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("qing-demo"), metavar="DIR", help="demo folder (default: qing-demo)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the folder")
     parser.add_argument(
         "--size", choices=sorted(SIZES), default="standard", help="standard (about a minute) or tiny (seconds)"
     )
     parser.add_argument("--model", default="qing_test_tr1", help="architecture to train (default: qing_test_tr1)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: by --size)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
+    parser.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: by --size)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the data and the training")
     group = parser.add_argument_group("compute")
     group.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    group.add_argument("--batch-size", type=int, help="training batch size (default: by --size)")
-    group.add_argument("--num-workers", type=int, default=0, help="image-reading worker processes")
+    group.add_argument("--batch-size", type=int, metavar="N", help="training batch size (default: by --size)")
+    group.add_argument("--num-workers", type=int, default=0, metavar="N", help="image-reading worker processes")
     add_common_flags(parser)
     parser.set_defaults(func=run)
 

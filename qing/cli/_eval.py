@@ -58,16 +58,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--split", choices=sorted(_SPLITS), help="which split of DATA (default: test where DATA has splits)"
     )
-    data.add_argument("--split-column", help="CSV column assigning rows to train/val/test")
-    data.add_argument("--path-column", default="path", help="CSV column with the image path (default: path)")
-    data.add_argument("--label-column", help="CSV column with a class name per row (default: 'label' if present)")
-    data.add_argument("--image-dir", type=Path, help="folder the CSV / list-file paths start from")
+    data.add_argument("--split-column", metavar="COLUMN", help="CSV column assigning rows to train/val/test")
+    data.add_argument(
+        "--path-column", default="path", metavar="COLUMN", help="CSV column with the image path (default: path)"
+    )
+    data.add_argument(
+        "--label-column", metavar="COLUMN", help="CSV column with a class name per row (default: 'label' if present)"
+    )
+    data.add_argument("--image-dir", type=Path, metavar="DIR", help="folder the CSV / list-file paths start from")
     out = parser.add_argument_group("output")
-    out.add_argument("-o", "--output", type=Path, help="report folder (default: eval-<DATA name>)")
+    out.add_argument("-o", "--output", type=Path, metavar="DIR", help="report folder (default: eval-<DATA name>)")
     out.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty report folder")
     out.add_argument("--threshold", metavar="P", help="decision threshold(s) instead of the model's (comma-separated)")
-    out.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of the AUROC interval")
-    out.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    out.add_argument(
+        "--n-bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the AUROC interval"
+    )
+    out.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap")
     out.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

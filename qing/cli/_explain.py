@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
     parser.add_argument("image", metavar="IMAGE", type=Path, help="a PNG, JPEG or DICOM file")
-    parser.add_argument("-o", "--output", type=Path, help="PNG to write (default: <IMAGE name>_attention.png)")
+    parser.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="PNG to write (default: <IMAGE name>_attention.png)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_device_flags(parser, batch=False, workers=False)
     add_common_flags(parser)

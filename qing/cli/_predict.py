@@ -64,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
     parser.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (recursive) or glob patterns")
     out = parser.add_argument_group("output")
-    out.add_argument("-o", "--output", type=Path, help="write the predictions to this file (CSV or JSON)")
+    out.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write the predictions to this file (CSV or JSON)"
+    )
     out.add_argument(
         "--format",
         choices=("table", "csv", "json"),

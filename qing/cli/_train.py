@@ -162,7 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("data", nargs="?", metavar="DATA", help="class-folder root, labels CSV or list file")
-    parser.add_argument("--config", type=Path, help="a YAML or JSON TrainConfig file")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="a YAML or JSON TrainConfig file")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), help="start from a named recipe (small_dataset: the original script's)"
     )
