@@ -117,24 +117,22 @@ def test_demo_end_to_end(tmp_path):
 # ---- train -> eval -> predict on the real pneumonia images ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pneumonia_run(tmp_path_factory):
-    """A one-epoch qing_test_tr1 run on cxr-pneumonia-200 (64 px), trained by ``qing train`` from its CSV."""
-    if not PNEUMONIA_200.is_dir():
-        pytest.skip(f"real CXR data not found at {PNEUMONIA_200} (set QING_SHARED_DATA)")
-    work = tmp_path_factory.mktemp("pneumonia")
+def test_train_then_eval_then_predict_on_real_xrays(tmp_path, pneumonia_200):
+    """One test, so that xdist workers do not train the run twice."""
     result = run_qing(
-        "train", str(PNEUMONIA_200 / "manifest.csv"), "--label-column", "label", "--patient-column", "patient",
+        "train", str(pneumonia_200 / "manifest.csv"), "--label-column", "label", "--patient-column", "patient",
         "--model", "qing_test_tr1", "--img-size", "64", "--epochs", "1", "--batch-size", "16", "--lr", "0.001",
         "--device", "cpu", "--no-progress", "--n-bootstrap", "50", "--log-images", "2", "--cache-images",
         "--output-dir", "run",
-        cwd=work,
+        cwd=tmp_path,
     )  # fmt: skip
-    return work, result
+    _check_train(tmp_path, result)
+    _check_eval(tmp_path)
+    _check_predict(tmp_path)
 
 
-def test_train_writes_the_run_folder_and_says_where(pneumonia_run):
-    work, result = pneumonia_run
+def _check_train(work: Path, result: subprocess.CompletedProcess) -> None:
+    """``qing train`` wrote the run folder with the flags' config and said where."""
     assert result.returncode == 0, result.stderr
     run = work / "run"
     lines = result.stdout.splitlines()
@@ -155,8 +153,8 @@ def test_train_writes_the_run_folder_and_says_where(pneumonia_run):
     assert best["label_names"] == ["PNEUMONIA"] and best["pretrained_cfg"]["input_size"] == [3, 64, 64]
 
 
-def test_eval_on_class_folders_matches_the_model(pneumonia_run):
-    work, _ = pneumonia_run
+def _check_eval(work: Path) -> None:
+    """``qing eval`` on the class folders: the report's numbers come from the model's own probabilities."""
     result = run_qing("eval", "run", str(PNEUMONIA_200), "--n-bootstrap", "50", "-o", "ev", "--device", "cpu", cwd=work)
     assert result.returncode == 0, result.stderr
     ev = work / "ev"
@@ -181,8 +179,8 @@ def test_eval_on_class_folders_matches_the_model(pneumonia_run):
     assert result.stdout.rstrip().endswith("report: ev/report.html")
 
 
-def test_predict_files_globs_dicom_and_bad_files(pneumonia_run):
-    work, _ = pneumonia_run
+def _check_predict(work: Path) -> None:
+    """``qing predict`` on files, a glob, a folder with a DICOM and a broken PNG, and a missing file."""
     normal = sorted((PNEUMONIA_200 / "NORMAL").glob("*.jpeg"))[:2]
     pneumonia = sorted((PNEUMONIA_200 / "PNEUMONIA").glob("person1*_*.jpeg"))
     inputs = work / "inputs"
