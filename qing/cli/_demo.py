@@ -17,7 +17,7 @@ from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_ne
 
 EPILOG = """\
 examples:
-  qing demo                              # about a minute on a laptop CPU
+  qing demo                              # a minute or two on a 2-core CPU
   qing demo --output /tmp/qing-demo --overwrite
   qing demo --size tiny                  # seconds: a smoke test of the installation
 
@@ -39,7 +39,7 @@ class DemoSize:
 
 
 SIZES = {
-    "standard": DemoSize(128, 40, 10, 8, 16, 1000),
+    "standard": DemoSize(128, 32, 10, 6, 16, 1000),
     "tiny": DemoSize(64, 8, 4, 1, 8, 200),
 }
 DATA_FOLDER = "synthetic_cxr"
@@ -61,7 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the folder")
     parser.add_argument(
-        "--size", choices=sorted(SIZES), default="standard", help="standard (about a minute) or tiny (seconds)"
+        "--size",
+        choices=sorted(SIZES),
+        default="standard",
+        help="standard (a minute or two on a 2-core CPU) or tiny (seconds)",
     )
     parser.add_argument("--model", default="qing_test_tr1", help="architecture to train (default: qing_test_tr1)")
     parser.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: by --size)")
