@@ -37,10 +37,10 @@ def _check_model_name(model_name: str) -> None:
         return
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models("qing_*") + timm.list_models(), n=5)
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)  # qing_* names are among them
         raise ValueError(
             f"unknown model {arch!r}"
-            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + (f"; did you mean {', '.join(close)}?" if close else ".")
             + f" qing models: {', '.join(list_models())} (any timm model name works too)."
         )
     if tag:

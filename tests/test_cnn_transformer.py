@@ -294,3 +294,10 @@ def test_unknown_model_and_tag():
         qing.create_model("qing_densenet121_tr3")
     with pytest.raises(ValueError, match=r"unknown tag 'imagenet' for qing_test_tr1; known tags: "):
         qing.create_model("qing_test_tr1.imagenet")
+    with pytest.raises(ValueError) as err:
+        qing.create_model("qing_densenet121_tr5")
+    suggestions = str(err.value).split("did you mean ")[1].split("?")[0].split(", ")
+    assert len(suggestions) == len(set(suggestions)) and "qing_densenet121_tr4" in suggestions
+    with pytest.raises(ValueError) as err:
+        qing.create_model("zzz_no_such_model")
+    assert str(err.value).startswith("unknown model 'zzz_no_such_model'. qing models: qing_")

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def weights_status(full_name: str, cfg: Any) -> str:
     """Where the weights of a pretrained cfg are on this machine, using qing's own lookup (no download)."""
     from qing.weights import WeightsNotFoundError, locate_weights
-    from qing.weights.pretrained import _hub_cached  # the lookup's cache check: the same answer as loading
+    from qing.weights.pretrained import hub_cached  # the loader's own cache check: the same answer as loading
 
     if not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict is not None):
         return "-"
@@ -53,7 +53,7 @@ def weights_status(full_name: str, cfg: Any) -> str:
     if kind in ("file", "local-dir"):
         return f"local: {location}"
     if kind == "hf-hub":
-        return "cached" if _hub_cached(cfg, None) else "download"
+        return "cached" if hub_cached(cfg, None) else "download"
     return "download" if kind == "url" else kind
 
 

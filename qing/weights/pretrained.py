@@ -52,6 +52,7 @@ __all__ = [
     "LoadReport",
     "WeightsNotFoundError",
     "build_model_with_weights",
+    "hub_cached",
     "locate_weights",
     "weights_dir",
 ]
@@ -125,7 +126,13 @@ def _hub_cache_dir(cache_dir: Optional[Union[str, Path]]) -> Path:
     return Path(cache_dir or constants.HF_HUB_CACHE)
 
 
-def _hub_cached(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]]) -> bool:
+def hub_cached(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> bool:
+    """Whether the Hub weights of ``cfg`` are in the Hugging Face cache (no network access).
+
+    Args:
+        cfg: A pretrained cfg with ``hf_hub_id`` (``repo`` or ``repo@revision``).
+        cache_dir: Cache to look in; ``None`` is huggingface_hub's default cache.
+    """
     from huggingface_hub import try_to_load_from_cache
 
     repo, revision = _split_revision(cfg.hf_hub_id)
@@ -223,7 +230,7 @@ def locate_weights(
                     return "file", str(path)
                 looked.append(str(path))
         looked.append(f"the Hugging Face cache {_hub_cache_dir(cache_dir)} ({repo}: {', '.join(_hub_filenames(cfg))})")
-        if cfg.source == "hf-hub" or not _hub_offline() or _hub_cached(cfg, cache_dir):
+        if cfg.source == "hf-hub" or not _hub_offline() or hub_cached(cfg, cache_dir):
             return "hf-hub", cfg.hf_hub_id  # "hf-hub:" model names: qing.hub explains their errors
         raise _not_found(name, cfg, looked, cache_dir, reason="Hugging Face offline mode is on: HF_HUB_OFFLINE=1")
     if cfg.url:
