@@ -827,12 +827,14 @@ class Trainer:
         return report
 
     def _sample_images(self, split: str, n: int) -> Optional[torch.Tensor]:
-        """The first ``n`` readable images of a split (eval transform), ``(n, C, H, W)``, or ``None``."""
+        """Up to ``n`` readable images spread evenly over a split (so over its class folders), ``(n, C, H, W)``."""
         if n <= 0:
             return None
         dataset: CXRDataset = self.datasets[split]
+        step = max(1, len(dataset) // n)
+        order = [*range(0, len(dataset), step), *(i for i in range(len(dataset)) if i % step)]
         images = []
-        for i in range(len(dataset)):
+        for i in order:
             if len(images) >= n:
                 break
             item = dataset[i]
