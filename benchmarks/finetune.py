@@ -275,7 +275,7 @@ def _r(value: Any, digits: int = 4) -> Any:
 def summary_rows(records: list[dict[str, Any]], multilabel: bool) -> list[dict[str, Any]]:
     """Mean and sd over seeds per model, plus one row per seed."""
     rows = []
-    for model in (HYBRID, BASELINE):
+    for model in _models(records):
         runs = [r for r in records if r["model"] == model]
         row: dict[str, Any] = {"phase": "summary", "model": model, "recipe": _recipe_name(model), "seeds": len(runs)}
         auroc = "mean_auroc" if multilabel else "auroc"
@@ -344,6 +344,26 @@ def comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _relative_source(source: str, data_dir: Path) -> str:
+    """The data source with the data folder written as ``../shared/data`` when it is the default one."""
+    return source.replace(str(data_dir), "../shared/data") if data_dir == DATA else source
+
+
+def _models(records: list[dict[str, Any]]) -> list[str]:
+    """The models that have runs, hybrid first."""
+    return [m for m in (HYBRID, BASELINE) if any(r["model"] == m for r in records)]
+
+
 def _recipe_name(model: str) -> str:
     return "qing default (TrainConfig())" if model == HYBRID else "timm standard (BASELINE_RECIPE)"
 
@@ -363,9 +383,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     return {
         "device": device,
-        "device_name": torch.cuda.get_device_name()
-        if device == "cuda"
-        else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -386,7 +404,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     data = data_config(args.dataset, args.data_dir, args.data)
     splits = load_splits(DataConfig(**data))
     multilabel = splits.task == "multilabel"
-    started = time.perf_counter()
     records = []
     for seed in args.seeds:
         for model in (HYBRID, BASELINE):
@@ -398,7 +415,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     init = records[0]["init"]
     config = {
         "dataset": args.dataset,
-        "source": splits.source,
+        "source": _relative_source(splits.source, args.data_dir),
         "task": splits.task,
         "outputs": len(splits.label_names),
         "split": "patient-grouped (patient column), class-stratified; fixed split_seed for every run seed",
@@ -417,12 +434,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "best_checkpoint": f"best {records[0]['recipe']['early_stopping_metric']} on validation "
         f"(early stopping patience {records[0]['recipe']['early_stopping_patience']})",
         "n_bootstrap": args.n_bootstrap,
-        "total_wall_s": round(time.perf_counter() - started, 1),
+        "init_loading": "pretrained_file through the .tv_in1k tags (the tag names the timm DenseNet121 weight "
+        "format, not where the tensors come from)",
+        "runs_wall_s_total": round(sum(r["wall_s"] for r in records), 1),
         **environment(args),
         "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:]),
     }
     config["augmentation"] = json.loads(json.dumps(config["augmentation"]))
-    recipes = {model: records_recipe(records, model) for model in (HYBRID, BASELINE)}
+    recipes = {model: records_recipe(records, model) for model in _models(records)}
     rows = summary_rows(records, multilabel)
     if multilabel:
         rows += per_label_rows(records)
