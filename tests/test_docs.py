@@ -3,25 +3,32 @@
 - Every ```python block of docs/**/*.md and README.md runs, page by page in order, in a fresh
   namespace inside a temporary working directory that holds a generated ``xray.png``. The large
   architectures the docs name are swapped for the tiny ``qing_test_tr1`` (set
-  ``QING_DOCS_FULL_MODELS=1`` to run them as written). A block opts out only with
-  ``<!-- docs-test: skip <reason> -->`` on the line before it; opted-out blocks are reported.
+  ``QING_DOCS_FULL_MODELS=1`` to run them as written); names with a tag keep their model. A block
+  opts out only with ``<!-- docs-test: skip <reason> -->`` on the line before it; opted-out blocks
+  are reported. Pages that work with the reader's own files get files of the same layout with
+  random weights (the weights guide: CheXNet's ``model.pth.tar``, the original script's
+  ``best_model.pth``); the Hub guide talks to the loopback Hub of ``tests/hub_server.py``.
+- Every ``qing`` command in a ```bash block parses with the real argument parser.
 - ``mkdocs build --strict`` runs as a subprocess (once per test session, shared by xdist workers);
   the generated pages are checked against the code: every public module and name in the API
   reference, every registered model in the zoo, every subcommand on the command-line page.
-- Debian's Chromium renders Home, Model zoo and the ``qing`` API page from ``file://`` with the
-  theme's JavaScript; the test reads the DOM it dumps.
+- Debian's Chromium renders Home, Model zoo, the fine-tuning guide and the ``qing`` API page from
+  ``file://`` with the theme's JavaScript; the test reads the DOM it dumps.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 import pkgutil
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,11 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 import qing
 from tests.docs_helpers import CodeBlock, MarkdownError, Node, code_blocks, parse_html
+from tests.hub_server import hub, hub_server  # noqa: F401 (fixtures of the Hub guide)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
@@ -42,7 +51,17 @@ PAGES = [*sorted(DOCS.rglob("*.md")), REPO_ROOT / "README.md"]
 TEST_MODEL = "qing_test_tr1"
 CHROMIUM = Path(os.environ.get("QING_CHROMIUM", "/usr/bin/chromium"))
 #: Pages whose code the reader runs first: they must keep at least one executed block.
-MUST_HAVE_CODE = ["docs/index.md", "docs/quickstart.md", "docs/installation.md", "docs/models.md", "README.md"]
+MUST_HAVE_CODE = [
+    "docs/index.md",
+    "docs/quickstart.md",
+    "docs/installation.md",
+    "docs/models.md",
+    "docs/guides/fine-tuning.md",
+    "docs/guides/weights.md",
+    "docs/guides/hub.md",
+    "docs/guides/explainability.md",
+    "README.md",
+]
 
 
 def _rel(page: Path) -> str:
@@ -73,6 +92,42 @@ def _write_xray(path: Path) -> None:
     Image.fromarray(image.clip(0, 255).astype(np.uint8), mode="L").save(path)
 
 
+def _write_chexnet_checkpoint(path: Path) -> None:
+    """A file laid out as arnoweng/CheXNet's ``model.pth.tar`` (random weights): legacy format, old names."""
+    import torchvision
+    from torch import nn
+
+    torch.manual_seed(0)
+    densenet = torchvision.models.densenet121(weights=None)
+    densenet.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
+    state_dict = {
+        "module.densenet121." + re.sub(r"(denselayer\d+\.)(norm|relu|conv)([12])\.", r"\1\2.\3.", key): value
+        for key, value in densenet.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+    }
+    checkpoint = {"epoch": 1, "arch": "densenet121", "state_dict": state_dict}
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+
+
+def _write_original_checkpoint(path: Path) -> None:
+    """What the original script saved, ``torch.save(model.state_dict(), path)``, for a binary model (random weights)."""
+    from tests.reference.original_hybrid import OriginalHybrid
+
+    torch.manual_seed(0)
+    torch.save(OriginalHybrid(num_classes=1).state_dict(), path)
+
+
+#: Files a page works with that the reader brings: ``{page: {file name: writer}}``.
+PAGE_FILES = {
+    "docs/guides/weights.md": {
+        "model.pth.tar": _write_chexnet_checkpoint,
+        "best_model.pth": _write_original_checkpoint,
+    },
+}
+#: Pages that talk to a Hugging Face Hub: they run against the loopback Hub.
+HUB_PAGES = {"docs/guides/hub.md"}
+
+
 def run_blocks(blocks: list[CodeBlock], workdir: Path) -> dict:
     """Run ``blocks`` (opted-out ones aside) in order, in one fresh namespace, with ``workdir`` as working directory.
 
@@ -101,11 +156,17 @@ def run_blocks(blocks: list[CodeBlock], workdir: Path) -> dict:
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=_rel)
-def test_page_code_blocks_run(page: Path, tmp_path: Path) -> None:
+def test_page_code_blocks_run(page: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     blocks = _blocks(page)
     skipped = [b for b in blocks if b.skip_reason]
-    _write_xray(tmp_path / "xray.png")
-    run_blocks(blocks, tmp_path)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    _write_xray(workdir / "xray.png")
+    for name, write in PAGE_FILES.get(_rel(page), {}).items():
+        write(workdir / name)
+    if _rel(page) in HUB_PAGES:
+        request.getfixturevalue("hub")  # HF_ENDPOINT, HF_TOKEN and the Hub cache point at the loopback Hub
+    run_blocks(blocks, workdir)
     if skipped:
         where = ", ".join(f"line {b.line} ({b.skip_reason})" for b in skipped)
         warnings.warn(f"{_rel(page)}: {len(skipped)} Python block(s) opted out of the docs test: {where}", stacklevel=1)
@@ -158,6 +219,78 @@ def test_tiny_model_swap_keeps_tags_and_the_test_model() -> None:
     source = 'a("qing_densenet121_tr2"), b("qing_densenet121_tr4.chexnet"), c("qing_test_tr1"), d("qing_resnet50_tr2x")'
     expected = 'a("qing_test_tr1"), b("qing_densenet121_tr4.chexnet"), c("qing_test_tr1"), d("qing_resnet50_tr2x")'
     assert _with_tiny_models(source) == expected
+
+
+SHELL_LANGS = {"bash", "sh", "shell"}
+SHELL_OPERATORS = {"&&", "||", "|", ";"}
+REDIRECTION = re.compile(r"^\d*(>>?|<)(&\d+)?")
+
+
+def shell_commands(page: Path) -> list[tuple[int, list[str]]]:
+    """``(line, argv)`` of every command in the page's shell blocks (continuations joined, comments,
+    redirections and ``VAR=value`` prefixes removed, ``&&``/``|``/``;`` lists split)."""
+    commands = []
+    for block in code_blocks(page):
+        if block.lang not in SHELL_LANGS:
+            continue
+        lines = block.source.splitlines()
+        i = 0
+        while i < len(lines):
+            start, text = i, lines[i]
+            while text.rstrip().endswith("\\") and i + 1 < len(lines):
+                i += 1
+                text = text.rstrip()[:-1] + " " + lines[i]
+            i += 1
+            current: list[str] = []
+            tokens = iter(shlex.split(text, comments=True))
+            for token in tokens:
+                if token in SHELL_OPERATORS:
+                    commands.append((block.line + start, current))
+                    current = []
+                elif match := REDIRECTION.match(token):
+                    if match.end() == len(token):
+                        next(tokens, None)  # "> file": the target is the next token
+                elif current or not re.match(r"^[A-Z_][A-Z0-9_]*=", token):
+                    current.append(token)
+            commands.append((block.line + start, current))
+    return [(line, argv) for line, argv in commands if argv]
+
+
+def test_documented_qing_commands_parse() -> None:
+    """Every ``qing ...`` line of the docs' shell blocks is accepted by the real parser (flags, choices, arity)."""
+    from qing.cli import build_parser
+
+    parser = build_parser()
+    checked, failures = 0, []
+    for page in PAGES:
+        for line, argv in shell_commands(page):
+            if argv[0] != "qing":
+                continue
+            checked += 1
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    parser.parse_args(argv[1:])
+                except SystemExit as exit_:
+                    if exit_.code:
+                        failures.append(f"{_rel(page)}:{line}: {shlex.join(argv)}: {stderr.getvalue().strip()}")
+    assert failures == []
+    assert checked >= 20  # the guides and the command-line page hold many
+
+
+def test_shell_commands_are_split_like_a_shell(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```bash\nHF_HUB_OFFLINE=1 qing pull me/x out   # offline\npip install -e . && qing demo\n"
+        "qing train --config a.yaml \\\n    --print-config > resolved.yaml 2>&1\n```\n"
+        "```python\nqing = 1\n```\n"
+    )
+    assert shell_commands(page) == [
+        (2, ["qing", "pull", "me/x", "out"]),
+        (3, ["pip", "install", "-e", "."]),
+        (3, ["qing", "demo"]),
+        (4, ["qing", "train", "--config", "a.yaml", "--print-config"]),
+    ]
 
 
 # ---- the built site ---------------------------------------------------------------------------
@@ -281,6 +414,9 @@ def test_model_zoo_lists_the_registry(site: Path) -> None:
     assert rows[TEST_MODEL][4] == "×".join(map(str, cfg["input_size"]))
     assert rows[TEST_MODEL][5] == f"ChestX-ray14 ({len(cfg['label_names'])})"
     assert rows[TEST_MODEL][6] == cfg["license"]
+    assert rows[TEST_MODEL][1] == "— (default)"  # what the bare name means
+    assert rows["qing_densenet121_tr2.chexnet"][1] == "chexnet (default)"
+    assert rows["qing_densenet121_tr2.original"][1:3] == ["original", "—"]  # a tag without weights
 
 
 def test_command_line_page_shows_every_subcommand(site: Path) -> None:
@@ -388,7 +524,7 @@ def _nav_titles(document: Node) -> list[str]:
     return [link.text() for link in navs[0].find_all(lambda n: n.tag in ("a", "label") and "md-nav__link" in n.classes)]
 
 
-def test_chromium_renders_home_model_zoo_and_api_page(site: Path, tmp_path: Path) -> None:
+def test_chromium_renders_home_model_zoo_guide_and_api_page(site: Path, tmp_path: Path) -> None:
     if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)) and not shutil.which(str(CHROMIUM)):
         pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium (or set QING_CHROMIUM)")
     nav_config = yaml.safe_load((REPO_ROOT / "mkdocs.yml").read_text())["nav"]
@@ -405,6 +541,14 @@ def test_chromium_renders_home_model_zoo_and_api_page(site: Path, tmp_path: Path
     zoo = _render((site / "models" / "index.html").as_uri(), tmp_path / "profile")
     assert set(_zoo_rows(zoo)) == _expected_zoo()
     assert "Model zoo" in _nav_titles(zoo)
+
+    guide = _render((site / "guides" / "fine-tuning" / "index.html").as_uri(), tmp_path / "profile")
+    titles = _nav_titles(guide)
+    assert {"Guides", "Fine-tuning", "Weights and adapters", "Hub", "Explainability"} <= set(titles)
+    headings = {node.attrs.get("id") for node in guide.find_all(lambda n: n.tag == "h2")}
+    assert {"thresholds", "reading-the-report", "several-processes-ddp-with-torchrun"} <= headings
+    links = {a.attrs.get("href", "") for a in guide.find_all(lambda n: n.tag == "a")}
+    assert any(href.endswith("reference/qing.train/#qing.train.config.TrainConfig") for href in links)  # API page
 
     api = _render((site / "reference" / "qing" / "index.html").as_uri(), tmp_path / "profile")
     heading = api.by_id("qing.create_model")

@@ -46,7 +46,7 @@ def cli_markdown() -> str:
         sections = []
         for path, help_line, sub in iter_commands(parser):
             command = " ".join((parser.prog, *path))
-            level = "#" * min(2 + len(path), 4)
+            level = "#" * min(3 + len(path), 6)  # under the page's "## Reference"
             intro = f"{help_line}\n\n" if help_line else ""
             sections.append(f"{level} `{command}`\n\n{intro}```text\n{sub.format_help().rstrip()}\n```\n")
     finally:

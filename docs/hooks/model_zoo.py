@@ -2,8 +2,8 @@
 
 The ``<!-- qing:model-zoo -->`` marker is replaced by
 
-- a table with one row per registered architecture and weight tag (``arch`` for the untagged,
-  randomly initialized configuration, ``arch.tag`` for each set of weights): tag, where the
+- a table with one row per registered architecture and weight tag (``arch`` for the untagged
+  configuration, ``arch.tag`` for each tag; the architecture's default tag is marked): tag, where the
   weights come from, parameter count (counted on the ``meta`` device, so nothing is allocated or
   downloaded), input size, labels and license;
 - the architectures, each with the first paragraph of its entrypoint's docstring;
@@ -81,7 +81,7 @@ def _weights_entry(full_name: str, cfg: Any) -> list[str]:
 
 def model_zoo_markdown() -> str:
     """The model zoo: the table of every ``qing_*`` architecture and tag, then architectures, weights, labels."""
-    from timm.models import get_arch_pretrained_cfgs, model_entrypoint
+    from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, model_entrypoint
 
     import qing
     from qing.models.cnn_transformer import CXR14_LABELS
@@ -109,9 +109,10 @@ def model_zoo_markdown() -> str:
             if key not in params:
                 params[key] = _param_count(*key)
             tag = full_name.partition(".")[2]
+            default = " (default)" if tag == (get_pretrained_cfg(arch).tag or "") else ""
             cells = [
                 f"`{full_name}`",
-                f"`{tag}`" if tag else "—",
+                (f"`{tag}`" if tag else "—") + default,
                 _weights_cell(full_name, cfg),
                 f"{params[key] / 1e6:.2f} M",
                 "×".join(map(str, cfg.input_size)),
@@ -124,7 +125,8 @@ def model_zoo_markdown() -> str:
     n_weights = sum(1 for line in weights if line.startswith("### "))
     lines = [
         f"{len(archs)} architectures, {n_weights} sets of weights (generated from the registry of "
-        f"qing {qing.__version__}). Weights `—`: the untagged configuration, randomly initialized.",
+        f"qing {qing.__version__}). The tag marked (default) is what the architecture name alone means, "
+        "and what `pretrained=True` loads without a tag; Weights `—`: no weights, random initialization.",
         "",
         '<div class="qing-zoo" markdown>',
         "",
