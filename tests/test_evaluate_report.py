@@ -20,6 +20,7 @@ from qing.evaluate import (
     plot_training_curves,
     write_report,
 )
+from qing.evaluate.plots import curve_groups
 from qing.models.cnn_transformer import CXR14_LABELS
 
 HISTORY = [
@@ -193,3 +194,17 @@ def test_binary_report_without_model_or_history(tmp_path):
                      images=torch.zeros(1, 3, 64, 64))  # fmt: skip
     with pytest.raises(ValueError, match=re.escape("metrics are for task='binary' with labels ['PNEUMONIA']")):
         write_report(tmp_path, metrics=metrics, targets=y, probs=p, label_names=["x"], task="binary")
+
+
+def test_curve_groups_keep_metric_panel_readable():
+    history = [
+        {"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "val_auroc": 0.7, "lr": 1e-4, "backbone_lr": 1e-5,
+         "epoch_time_s": 31.5, "train_images_per_s": 150.0},
+        {"epoch": 2, "train_loss": 0.5, "val_loss": 0.5, "val_auroc": 0.8, "lr": 5e-5, "backbone_lr": 5e-6,
+         "epoch_time_s": 30.1, "train_images_per_s": 155.0},
+    ]  # fmt: skip
+    assert curve_groups(history) == {
+        "loss": ["train_loss", "val_loss"],
+        "metrics": ["val_auroc"],
+        "learning rate": ["lr", "backbone_lr"],
+    }

@@ -69,11 +69,32 @@ def _grid(
     return fig, axes[:n_panels]
 
 
-def plot_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike) -> Path:
-    """Per-epoch curves from a training history.
+def curve_groups(history: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Which history keys ``plot_training_curves`` draws in which panel.
 
-    Keys ending in ``loss`` share the first panel, ``lr`` (or keys starting with ``lr``) is
-    drawn on a log scale in the last, every other numeric key (e.g. ``val_auroc``) in the middle.
+    ``*loss`` keys share the "loss" panel; ``lr``, ``lr_*`` and ``*_lr`` keys the log-scale
+    "learning rate" panel; numeric keys whose values all lie in ``[0, 1]`` (AUROC, accuracy...)
+    the "metrics" panel. Other numbers (epoch time, images/s) are left out: they would flatten
+    the metric curves.
+    """
+    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "epoch"]
+    values = {k: [row.get(k) for row in history if isinstance(row.get(k), (int, float))] for k in keys}
+    numeric = [k for k in keys if values[k]]
+    is_lr = [k for k in numeric if k == "lr" or k.startswith("lr_") or k.endswith("_lr")]
+    groups = {
+        "loss": [k for k in numeric if k.endswith("loss")],
+        "metrics": [
+            k for k in numeric if not k.endswith("loss") and k not in is_lr and all(0 <= v <= 1 for v in values[k])
+        ],
+        "learning rate": is_lr,
+    }
+    return {title: ks for title, ks in groups.items() if ks}
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike) -> Path:
+    """Per-epoch curves from a training history: loss, metrics and learning-rate panels.
+
+    See [curve_groups][qing.evaluate.plots.curve_groups] for which key goes where.
 
     Args:
         history: One dict per epoch, e.g. ``{"epoch": 1, "train_loss": .6, "val_loss": .5,
@@ -85,17 +106,11 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike) -
     """
     if not history:
         raise ValueError("history is empty: no epochs to plot")
-    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "epoch"]
-    numeric = [k for k in keys if any(isinstance(row.get(k), (int, float)) for row in history)]
-    if not numeric:
+    groups = curve_groups(history)
+    if not groups:
+        keys = sorted({k for row in history for k in row})
         raise ValueError(f"history has no numeric values to plot (keys: {keys})")
     epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
-    groups = {
-        "loss": [k for k in numeric if k.endswith("loss")],
-        "metrics": [k for k in numeric if not k.endswith("loss") and not k.startswith("lr")],
-        "learning rate": [k for k in numeric if k.startswith("lr")],
-    }
-    groups = {title: ks for title, ks in groups.items() if ks}
     fig = Figure(figsize=(4.2 * len(groups), 3.4), layout="constrained")
     for ax, (title, ks) in zip(np.atleast_1d(fig.subplots(1, len(groups))), groups.items()):
         for k in ks:
