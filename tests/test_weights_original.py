@@ -70,6 +70,20 @@ def test_pretrained_cfg_overlay_file_path(original):
     assert model.pretrained_cfg["num_classes"] == 1 and model.pretrained_cfg["label_names"] == ("PNEUMONIA",)
 
 
+def test_overlay_file_switches_to_the_original_preprocessing(original, caplog):
+    """The default tag is CheXNet's (ImageNet normalization); original weights need the original transform."""
+    _, path = original
+    with caplog.at_level("WARNING", logger="qing.weights"):
+        model = qing.create_model("qing_densenet121_tr2", pretrained=True, num_classes=1,
+                                  pretrained_cfg_overlay=dict(file=str(path)))  # fmt: skip
+    assert resolve_data_config(model=model)["mean"] == (0.485,) * 3
+    assert resolve_data_config(model=model)["std"] == (0.229,) * 3
+    assert "the weights are an original-hybrid checkpoint; preprocessing set to the original script's" in caplog.text
+    chosen = qing.create_model("qing_densenet121_tr2", pretrained=True, num_classes=1,
+                               pretrained_cfg_overlay=dict(file=str(path), mean=(0.5,) * 3))  # fmt: skip
+    assert chosen.pretrained_cfg["mean"] == (0.5,) * 3  # the caller's explicit choice wins
+
+
 @pytest.mark.parametrize("key", ["model_state_dict", "state_dict"])
 def test_training_checkpoints_nesting_the_state_dict(original, tmp_path, key):
     reference, path = original

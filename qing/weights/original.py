@@ -31,10 +31,26 @@ import torch
 
 from qing.layers.pos_embed import sincos_table
 
-__all__ = ["ORIGINAL_LABEL_NAMES", "convert_original_hybrid", "is_original_hybrid", "original_label_names"]
+__all__ = [
+    "ORIGINAL_LABEL_NAMES",
+    "ORIGINAL_PREPROCESSING",
+    "convert_original_hybrid",
+    "is_original_hybrid",
+    "original_label_names",
+]
 
 #: Label of the original binary (normal vs pneumonia) model's single output.
 ORIGINAL_LABEL_NAMES = ("PNEUMONIA",)
+
+#: The original script's transform (``Resize((224, 224))``, ``ToTensor``, ``Normalize``) as pretrained-cfg entries.
+ORIGINAL_PREPROCESSING = {
+    "input_size": (3, 224, 224),
+    "crop_pct": 1.0,
+    "crop_mode": "squash",
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.485, 0.485),
+    "std": (0.229, 0.229, 0.229),
+}
 
 _logger = logging.getLogger(__name__)
 

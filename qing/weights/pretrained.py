@@ -44,6 +44,7 @@ from torch import nn
 
 from qing.meta import set_meta
 from qing.weights.files import CheckpointError, read_checkpoint, unwrap_state_dict
+from qing.weights.original import ORIGINAL_PREPROCESSING
 
 __all__ = [
     "WEIGHTS_DIR_ENV",
@@ -560,6 +561,8 @@ def build_model_with_weights(
         raise _not_found(name, cfg, looked, cache_dir) from err
     report = filt.verify()
     model.pretrained_cfg.pop("state_dict", None)
+    if report.format == "original_hybrid":
+        _use_original_preprocessing(model, overlay, name)
     if kind == "file":
         model.pretrained_cfg["file"] = location
     model.qing_load_report = report
@@ -576,6 +579,18 @@ def build_model_with_weights(
         if updates:
             set_meta(model, **updates)
     return model
+
+
+def _use_original_preprocessing(model: nn.Module, overlay: Mapping[str, Any], name: str) -> None:
+    """Original-hybrid weights were trained with the original transform: record it unless the caller chose one."""
+    changed = {k: v for k, v in ORIGINAL_PREPROCESSING.items() if k not in overlay and model.pretrained_cfg.get(k) != v}
+    if changed:
+        model.pretrained_cfg.update(changed)
+        _logger.warning(
+            "%s: the weights are an original-hybrid checkpoint; preprocessing set to the original script's (%s)",
+            name,
+            ", ".join(f"{k}={v}" for k, v in changed.items()),
+        )
 
 
 def pretrained_cfg_dict(cfg: Union[PretrainedCfg, Mapping[str, Any]]) -> dict[str, Any]:
