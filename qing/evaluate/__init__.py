@@ -14,7 +14,13 @@ Typical use after training::
 """
 
 from qing.evaluate.metrics import auroc_bootstrap, compute_metrics, probabilities
-from qing.evaluate.plots import plot_confusion_matrix, plot_pr_curves, plot_roc_curves, plot_training_curves
+from qing.evaluate.plots import (
+    curve_groups,
+    plot_confusion_matrix,
+    plot_pr_curves,
+    plot_roc_curves,
+    plot_training_curves,
+)
 from qing.evaluate.report import DISCLAIMER, write_report
 from qing.evaluate.thresholds import THRESHOLD_METHODS, choose_thresholds, threshold_method_name
 
@@ -24,6 +30,7 @@ __all__ = [
     "auroc_bootstrap",
     "choose_thresholds",
     "compute_metrics",
+    "curve_groups",
     "plot_confusion_matrix",
     "plot_pr_curves",
     "plot_roc_curves",

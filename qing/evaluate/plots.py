@@ -21,7 +21,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 
 from qing.evaluate._inputs import as_numpy, check_inputs
 
-__all__ = ["plot_confusion_matrix", "plot_pr_curves", "plot_roc_curves", "plot_training_curves"]
+__all__ = ["curve_groups", "plot_confusion_matrix", "plot_pr_curves", "plot_roc_curves", "plot_training_curves"]
 
 PathLike = Union[str, Path]
 _DPI = 100
@@ -94,7 +94,7 @@ def curve_groups(history: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike) -> Path:
     """Per-epoch curves from a training history: loss, metrics and learning-rate panels.
 
-    See [curve_groups][qing.evaluate.plots.curve_groups] for which key goes where.
+    See [curve_groups][qing.evaluate.curve_groups] for which key goes where.
 
     Args:
         history: One dict per epoch, e.g. ``{"epoch": 1, "train_loss": .6, "val_loss": .5,
