@@ -402,3 +402,14 @@ def test_verification_catches_tensors_that_did_not_load(trained_tiny):
         "blocks.0.norm1.bias, blocks.0.attn.qkv.weight, blocks.0.attn.qkv.bias); "
         "refusing to return a partly random model"
     )
+
+
+def test_a_new_head_drops_the_source_label_names_quietly(tmp_path, caplog):
+    """Backbone-only weights and a head for the caller's classes: nothing mismatched, so no warning."""
+    path = tmp_path / "test_resnet.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="qing.weights"):
+        model = qing.create_model(TAG, pretrained=True, num_classes=1, pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.pretrained_cfg["label_names"] is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "label_names" in r.getMessage()]
+    assert "new 1-output head; the pretrained cfg's 14 label_names dropped" in caplog.text

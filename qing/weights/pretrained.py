@@ -472,9 +472,11 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _label_names_fit(cfg: dict[str, Any], num_classes: int, name: str) -> None:
+def _label_names_fit(cfg: dict[str, Any], num_classes: int, name: str, head_loaded: bool) -> None:
     labels = cfg.get("label_names")
-    if labels is not None and num_classes and len(labels) != num_classes:
+    if labels is None or not num_classes or len(labels) == num_classes:
+        return
+    if head_loaded:
         _logger.warning(
             "%s: the pretrained cfg's %d label_names do not match the loaded classifier's %d outputs; "
             "dropped them (pass pretrained_cfg_overlay=dict(label_names=[...]))",
@@ -482,7 +484,11 @@ def _label_names_fit(cfg: dict[str, Any], num_classes: int, name: str) -> None:
             len(labels),
             num_classes,
         )
-        cfg["label_names"] = None
+    else:  # a new head for the caller's classes: the source weights' names no longer apply
+        _logger.info(
+            "%s: new %d-output head; the pretrained cfg's %d label_names dropped", name, num_classes, len(labels)
+        )
+    cfg["label_names"] = None
 
 
 def build_model_with_weights(
@@ -569,7 +575,9 @@ def build_model_with_weights(
 
     num_classes = getattr(model, "num_classes", 0)
     if not report.dropped and num_classes:
-        _label_names_fit(model.pretrained_cfg, num_classes, name)
+        head = model.pretrained_cfg.get("classifier") or ""
+        head_loaded = bool(head) and any(k.startswith(f"{head}.") for k in report.loaded)
+        _label_names_fit(model.pretrained_cfg, num_classes, name, head_loaded)
         thresholds = report.thresholds or (tag_thresholds or {}).get(cfg.tag or "")
         updates: dict[str, Any] = {}
         if task:
