@@ -161,7 +161,7 @@ def test_train_flags_config_file_preset_and_set(work, capsys):
     )
     assert config["data"]["root"] == "x"
     assert main(["train", "--preset", "small_dataset", "--print-config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["model"] == "qing_densenet121_tr2"
+    assert yaml.safe_load(capsys.readouterr().out)["model"] == "qing_densenet121_tr2.chexnet"
 
 
 # ---- error paths: one line, exit code 1 ----------------------------------------------------------------

@@ -39,6 +39,7 @@ def test_config_files_presets_and_errors(tmp_path):
     model_fields = [cfg.embed_dim, cfg.num_heads, cfg.mlp_dim, cfg.depth, cfg.drop_rate]
     assert model_fields == [512, 8, 1024, 2, 0.2]
     assert (cfg.epochs, cfg.data.root, cfg.data.val_fraction, cfg.data.rotation) == (5, "data", 0.2, 15.0)
+    assert (cfg.model, cfg.pretrained, cfg.freeze_backbone) == ("qing_densenet121_tr2.chexnet", True, True)
     for suffix in (".yaml", ".json"):
         assert TrainConfig.from_file(cfg.save(tmp_path / f"config{suffix}")) == cfg
     (tmp_path / "run.yaml").write_text("preset: small_dataset\nepochs: 3\ndata:\n  root: x\n  scale: [0.8, 1.2]\n")

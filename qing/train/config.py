@@ -45,7 +45,8 @@ __all__ = ["PRESETS", "TrainConfig"]
 #: "assumed" were not recorded in it and are our choice.
 PRESETS: dict[str, dict[str, Any]] = {
     "small_dataset": {
-        "model": "qing_densenet121_tr2",
+        "model": "qing_densenet121_tr2.chexnet",
+        "pretrained": True,  # the original loaded CheXNet weights (CHEXNET_WEIGHTS_PATH) before freezing
         "img_size": 224,
         "batch_size": 16,
         "embed_dim": 512,

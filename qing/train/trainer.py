@@ -368,6 +368,11 @@ class Trainer:
         if cfg.freeze_backbone:
             if not hasattr(model, "freeze_backbone"):
                 raise ValueError(f"freeze_backbone needs a qing CNN-Transformer; {cfg.model} has no freeze_backbone()")
+            if not cfg.pretrained:
+                _log.warning(
+                    "freeze_backbone=True with pretrained=False freezes a randomly initialized backbone; "
+                    "set pretrained=True (and pretrained_file) or freeze_backbone=False"
+                )
             model.freeze_backbone(cfg.trainable_backbone_layers)
         model.to(self.device)
         if cfg.channels_last:
