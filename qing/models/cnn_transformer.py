@@ -504,9 +504,12 @@ class CNNTransformer(nn.Module):
         """The backbone's top-level units, input to output, as ``FREEZE_CNN``/``FINE_TUNE_LAYERS`` count them.
 
         Direct children of the backbone, with ``nn.Sequential`` children opened one level
-        (DenseNet121: ``conv0, norm0, denseblock1, transition1, ..., denseblock4, norm5``;
-        ResNet: ``conv1, bn1, layer1.0, ...``; ConvNeXt: ``stem.0, stem.1, stages.0..3``).
-        Units without parameters are skipped.
+        (DenseNet121: ``features.conv0, features.norm0, features.denseblock1, features.transition1,
+        ..., features.denseblock4, features.norm5``; ResNet: ``conv1, bn1, layer1.0, ...``;
+        ConvNeXt: ``stem.0, stem.1, stages.0, ..., stages.3``). Units without parameters are skipped.
+
+        Returns:
+            ``(name, module)`` pairs, names relative to ``model.backbone``.
         """
         units = []
         for name, child in self.backbone.named_children():
