@@ -30,6 +30,8 @@ class ModelMeta:
         threshold_method: How the thresholds were chosen, e.g. ``"youden"`` or ``"sensitivity@0.90"``.
         metrics: Evaluation summary (e.g. test AUROC) for the model card.
         datasets: Names of the datasets the weights were trained on.
+        negative_label: Binary task only: the name of the negative class (e.g. ``"NORMAL"``); the
+            single output's label names the positive one.
     """
 
     task: Optional[str] = None
@@ -37,6 +39,7 @@ class ModelMeta:
     threshold_method: Optional[str] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
+    negative_label: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:

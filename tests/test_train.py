@@ -142,6 +142,7 @@ def test_fit_best_is_a_real_copy_and_every_artifact_is_written(tmp_path, data_ro
     model = qing.create_model(f"local-dir:{result.best_checkpoint}", pretrained=True)
     assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
     assert model.qing_meta.task == "binary" and model.qing_meta.threshold_method == "youden"
+    assert list(model.pretrained_cfg["label_names"]) == ["opacity"] and model.qing_meta.negative_label == "normal"
     assert model.qing_meta.thresholds == result.thresholds and len(result.thresholds) == 1
     assert model.qing_meta.metrics["test_roc_auc"] == result.test_metrics["roc_auc"]
     assert model.pretrained_cfg["input_size"] == (3, 64, 64) and list(model.pretrained_cfg["label_names"]) == [

@@ -103,6 +103,7 @@ class LoadedModel:
         task: ``binary``, ``multilabel`` or ``multiclass``.
         thresholds: Per-output decision thresholds (sigmoid tasks), ``[]`` for multiclass (argmax).
         threshold_source: Where the thresholds came from, in words.
+        negative_label: Binary task: the name shown for a negative decision.
     """
 
     model: nn.Module
@@ -112,6 +113,7 @@ class LoadedModel:
     task: str
     thresholds: list[float]
     threshold_source: str
+    negative_label: str = "negative"
 
     @property
     def has_attention(self) -> bool:
@@ -238,7 +240,8 @@ def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = No
         thresholds, where = list(meta.thresholds), f"stored with the model{method}"
     else:
         thresholds, where = [0.5] * len(labels), "default: the model has no stored thresholds"
-    return LoadedModel(model, spec, source, labels, task, thresholds, where)
+    negative = meta.negative_label or (f"not {labels[0]}" if task == "binary" else "negative")
+    return LoadedModel(model, spec, source, labels, task, thresholds, where, negative)
 
 
 # ---- outputs -------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ def _table(loaded: LoadedModel, results: list[Prediction]) -> str:
             continue
         decision = _decisions(loaded, r.probabilities)
         if loaded.task == "binary":
-            shown = loaded.labels[0] if decision else "negative"
+            shown = loaded.labels[0] if decision else loaded.negative_label
         else:
             shown = ", ".join(decision) or "none above threshold"
         if few:

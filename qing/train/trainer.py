@@ -364,7 +364,8 @@ class Trainer:
             "num_classes": splits.num_outputs,
             "label_names": tuple(splits.label_names),
         }
-        set_meta(model, task=splits.task, datasets=[_dataset_name(cfg)])
+        negative = splits.class_names[0] if splits.task == "binary" else None
+        set_meta(model, task=splits.task, datasets=[_dataset_name(cfg)], negative_label=negative)
         if cfg.freeze_backbone:
             if not hasattr(model, "freeze_backbone"):
                 raise ValueError(f"freeze_backbone needs a qing CNN-Transformer; {cfg.model} has no freeze_backbone()")
