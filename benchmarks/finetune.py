@@ -184,8 +184,10 @@ def train_config(model: str, *, seed: int, args: argparse.Namespace, data: dict[
     }
     if args.early_stopping_metric:
         shared["early_stopping_metric"] = args.early_stopping_metric
-    if model == HYBRID:
+    if model == HYBRID and args.hybrid_recipe == "default":
         return TrainConfig(model=f"{HYBRID}.tv_in1k", **shared)
+    if model == HYBRID:
+        return TrainConfig(model=f"{HYBRID}.tv_in1k", **BASELINE_RECIPE, **shared)
     return TrainConfig(model=f"{BASELINE}.tv_in1k", **BASELINE_RECIPE, **shared)
 
 
@@ -208,9 +210,14 @@ def make_trainer(config):
     return SamePreprocessingTrainer(config)
 
 
-def _run_dir(args: argparse.Namespace, model: str, seed: int) -> Path:
+def _variant(args: argparse.Namespace) -> str:
+    """Suffix naming a protocol change from the defaults (run folders and the results file)."""
     suffix = f"_stop_{args.early_stopping_metric}" if args.early_stopping_metric else ""
-    return args.work_dir / f"{args.dataset}{suffix}" / f"{model}_seed{seed}"
+    return suffix + ("_hybrid_baseline_recipe" if args.hybrid_recipe == "baseline" else "")
+
+
+def _run_dir(args: argparse.Namespace, model: str, seed: int) -> Path:
+    return args.work_dir / f"{args.dataset}{_variant(args)}" / f"{model}_seed{seed}"
 
 
 # ---- one run -------------------------------------------------------------------------------------
@@ -253,6 +260,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, data: dict[str, Any
         "load_avg_1min": [load_before, os.getloadavg()[0]],
         "recipe": {k: getattr(config, k) for k in RECIPE_FIELDS},
         "model_name": config.model,
+        "recipe_name": _recipe_name(model, args.hybrid_recipe),
     }  # fmt: skip
     cached.write_text(json.dumps(record, indent=2))
     return record
@@ -277,7 +285,7 @@ def summary_rows(records: list[dict[str, Any]], multilabel: bool) -> list[dict[s
     rows = []
     for model in _models(records):
         runs = [r for r in records if r["model"] == model]
-        row: dict[str, Any] = {"phase": "summary", "model": model, "recipe": _recipe_name(model), "seeds": len(runs)}
+        row: dict[str, Any] = {"phase": "summary", "model": model, "recipe": _recipe_of(runs), "seeds": len(runs)}
         auroc = "mean_auroc" if multilabel else "auroc"
         for key, name in (("roc_auc", auroc), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
                           ("specificity", "specificity")):  # fmt: skip
@@ -364,8 +372,14 @@ def _models(records: list[dict[str, Any]]) -> list[str]:
     return [m for m in (HYBRID, BASELINE) if any(r["model"] == m for r in records)]
 
 
-def _recipe_name(model: str) -> str:
-    return "qing default (TrainConfig())" if model == HYBRID else "timm standard (BASELINE_RECIPE)"
+def _recipe_of(runs: list[dict[str, Any]]) -> str:
+    return runs[0].get("recipe_name") or _recipe_name(runs[0]["model"])
+
+
+def _recipe_name(model: str, hybrid_recipe: str = "default") -> str:
+    if model == HYBRID and hybrid_recipe == "default":
+        return "qing default (TrainConfig())"
+    return "timm standard (BASELINE_RECIPE)"
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -585,6 +599,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         default=None,
         help="for both models instead of the recipe's val_loss (e.g. val_auroc); results get a _stop_<metric> suffix",
     )
+    parser.add_argument(
+        "--hybrid-recipe",
+        choices=["default", "baseline"],
+        default="default",
+        help="train the hybrid with qing's default recipe or with BASELINE_RECIPE (a control experiment)",
+    )
     parser.add_argument("--cache-images", action="store_true", help="train with the in-memory image cache")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
@@ -607,7 +627,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.dataset = args.command
     args.img_size = args.img_size or DATASETS[args.dataset]["img_size"]
     results = cache_timing(args) if args.command == "cache" else benchmark(args)
-    name = args.command + (f"_stop_{args.early_stopping_metric}" if args.early_stopping_metric else "")
+    name = args.command + _variant(args)
     out = args.out or REPO / "benchmarks" / "results" / f"finetune_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
