@@ -24,8 +24,13 @@ stays fixed) give mean and standard deviation. Each run is kept under ``--work-d
     python benchmarks/finetune.py nih14          # 14 labels, nih-cxr14-64px, 64 px
     python benchmarks/finetune.py cache          # epoch time with and without the in-memory cache
 
+Control experiments change one thing for a whole benchmark and get a suffix in the results name:
+``--early-stopping-metric val_auroc`` (both models), ``--hybrid-recipe baseline`` (the hybrid trained
+with :data:`BASELINE_RECIPE`), ``--hybrid-arg KEY=VALUE`` (a hybrid model argument).
+
 Results go to ``benchmarks/results/finetune_<name>.json`` (``{"config", "rows", ...}``; rows carry
-a ``phase``: ``summary``, ``per_seed``, ``per_label``, ``cache``), rendered by the docs site.
+a ``phase``: ``summary``, ``per_seed`` and ``per_label`` for the accuracy runs, ``summary`` and
+``epochs`` for the cache timing), rendered by the docs site.
 """
 
 from __future__ import annotations
@@ -101,7 +106,14 @@ BASELINE_RECIPE: dict[str, Any] = {
     "ema": False,
 }
 #: Recipe fields reported for both models.
-RECIPE_FIELDS = (*BASELINE_RECIPE, "batch_size", "epochs", "early_stopping_metric", "early_stopping_patience")
+RECIPE_FIELDS = (
+    *BASELINE_RECIPE,
+    "batch_size",
+    "epochs",
+    "early_stopping_metric",
+    "early_stopping_patience",
+    "model_args",
+)
 
 _log = logging.getLogger("finetune")
 
@@ -184,10 +196,9 @@ def train_config(model: str, *, seed: int, args: argparse.Namespace, data: dict[
     }
     if args.early_stopping_metric:
         shared["early_stopping_metric"] = args.early_stopping_metric
-    if model == HYBRID and args.hybrid_recipe == "default":
-        return TrainConfig(model=f"{HYBRID}.tv_in1k", **shared)
     if model == HYBRID:
-        return TrainConfig(model=f"{HYBRID}.tv_in1k", **BASELINE_RECIPE, **shared)
+        recipe = BASELINE_RECIPE if args.hybrid_recipe == "baseline" else {}
+        return TrainConfig(model=f"{HYBRID}.tv_in1k", model_args=dict(args.hybrid_arg), **recipe, **shared)
     return TrainConfig(model=f"{BASELINE}.tv_in1k", **BASELINE_RECIPE, **shared)
 
 
@@ -213,7 +224,8 @@ def make_trainer(config):
 def _variant(args: argparse.Namespace) -> str:
     """Suffix naming a protocol change from the defaults (run folders and the results file)."""
     suffix = f"_stop_{args.early_stopping_metric}" if args.early_stopping_metric else ""
-    return suffix + ("_hybrid_baseline_recipe" if args.hybrid_recipe == "baseline" else "")
+    suffix += "_hybrid_baseline_recipe" if args.hybrid_recipe == "baseline" else ""
+    return suffix + "".join(f"_hybrid_{k}_{v}" for k, v in args.hybrid_arg.items())
 
 
 def _run_dir(args: argparse.Namespace, model: str, seed: int) -> Path:
@@ -574,7 +586,7 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"--data expects key=value, got {item!r}")
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
         out[key] = yaml.safe_load(raw)
     return out
 
@@ -605,6 +617,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         default="default",
         help="train the hybrid with qing's default recipe or with BASELINE_RECIPE (a control experiment)",
     )
+    parser.add_argument(
+        "--hybrid-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hybrid model argument (YAML value), e.g. backbone_final_act=true (a control experiment)",
+    )
     parser.add_argument("--cache-images", action="store_true", help="train with the in-memory image cache")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
@@ -621,6 +640,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("qing").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     args.data = _parse_overrides(args.data)
+    args.hybrid_arg = _parse_overrides(args.hybrid_arg)
     if args.command == "cache":
         args.dataset = args.dataset or "pneumonia200"
     else:
