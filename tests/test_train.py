@@ -230,9 +230,11 @@ def test_multiclass_run_with_a_plain_timm_model(tmp_path):
         report=True,
         log_images=0,
         data={"patient_regex": None},
+        model_args={"pretrained_cfg_overlay": {"crop_mode": "squash", "crop_pct": 1.0}},  # preprocessing via cfg
     )
     trainer = Trainer(cfg)
     result = trainer.fit()
+    assert (trainer.model.pretrained_cfg["crop_mode"], trainer.model.pretrained_cfg["crop_pct"]) == ("squash", 1.0)
     assert isinstance(trainer.loss_fn, torch.nn.CrossEntropyLoss)
     assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}["head"] != 1e-4
     assert result.thresholds == [] and result.test_metrics["task"] == "multiclass"

@@ -348,13 +348,14 @@ class Trainer:
         kwargs.update(num_classes=splits.num_outputs, in_chans=cfg.in_chans)
         if cfg.img_size and cfg.model.startswith("qing_"):
             kwargs["img_size"] = cfg.img_size
-        overlay = None
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})  # model_args may set preprocessing
         if cfg.pretrained_file:
             if not Path(cfg.pretrained_file).is_file():
                 raise FileNotFoundError(f"pretrained_file not found: {cfg.pretrained_file}")
             if not cfg.pretrained:
                 raise ValueError("pretrained_file is set but pretrained=False; set pretrained=True to load it")
-            overlay = {"file": str(cfg.pretrained_file)}
+            overlay["file"] = str(cfg.pretrained_file)
+        overlay = overlay or None
         random_seed(cfg.seed, 0)  # the same initial weights on every process
         model = qing.create_model(cfg.model, pretrained=cfg.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
         data_cfg = resolve_image_config(model, img_size=cfg.img_size)
