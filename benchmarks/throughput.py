@@ -11,7 +11,8 @@ modes -- ``fp32`` eager, ``bf16_cl`` (bf16 autocast + channels_last) and ``compi
   the 5000-long sinusoidal buffer, sigmoid + ``BCELoss``).
 
 Each measurement runs in a fresh subprocess (clean allocator and compile caches); within it the best
-of several timing windows is kept, which is robust to other load on the machine. Peak memory is
+of several timing windows is kept, and each model is measured in ``--repeats`` fresh processes in
+alternating order, reporting the median: shared or virtual machines drift by 10-20% between runs. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA and the growth of the process's peak RSS over the
 step on CPU.
 
@@ -145,6 +146,16 @@ def _run_worker(args: argparse.Namespace, model: str, mode: str, phase: str) -> 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """One row per model: the median run by images/s (its memory too), with every run's images/s."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    row = dict(sorted(ok, key=lambda r: r["images_per_s"])[len(ok) // 2])
+    row["runs_images_per_s"] = [r["images_per_s"] for r in ok]
+    return row
+
+
 def _add_ratios(rows: list[dict]) -> None:
     base = {(r["mode"], r["phase"]): r for r in rows if r["model"] == BASELINE and "error" not in r}
     plain = {(r["mode"], r["phase"]): r for r in rows if r["model"] == MODELS[0] and "error" not in r}
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5, help="steps per timing window")
     parser.add_argument("--windows", type=int, default=3, help="timing windows; the best is kept")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per model, alternating order; median")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -217,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             models = list(args.models.split(","))
             if phase == "train" and not args.no_grad_ckpt and MODELS[0] in models:
                 models.append(GRAD_CKPT)
-            for model in models:
-                row = _run_worker(args, model, mode, phase)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            runs: dict[str, list[dict]] = {m: [] for m in models}
+            for repeat in range(args.repeats):  # alternate the order so drifting load hits every model alike
+                for model in models if repeat % 2 == 0 else models[::-1]:
+                    row = _run_worker(args, model, mode, phase)
+                    runs[model].append(row)
+                    print(json.dumps(row), flush=True)
+            rows.extend(_median_row(r) for r in runs.values())
     _add_ratios(rows)
     print()
     _print_table(rows)
@@ -253,6 +268,7 @@ def _environment(args: argparse.Namespace) -> dict:
         "iters_per_window": args.iters,
         "windows": args.windows,
         "warmup": args.warmup,
+        "repeats": args.repeats,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "date": time.strftime("%Y-%m-%d"),
