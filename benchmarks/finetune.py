@@ -199,26 +199,9 @@ def train_config(model: str, *, seed: int, args: argparse.Namespace, data: dict[
     if model == HYBRID:
         recipe = BASELINE_RECIPE if args.hybrid_recipe == "baseline" else {}
         return TrainConfig(model=f"{HYBRID}.tv_in1k", model_args=dict(args.hybrid_arg), **recipe, **shared)
-    return TrainConfig(model=f"{BASELINE}.tv_in1k", **BASELINE_RECIPE, **shared)
-
-
-def make_trainer(config):
-    """A Trainer that gives timm's DenseNet121 the hybrid's preprocessing (squash resize, no crop).
-
-    timm's ``densenet121.tv_in1k`` cfg center-crops 87.5% of the image while the hybrid's squashes
-    the whole image; TrainConfig cannot override pretrained-cfg entries (``model_args`` with
-    ``pretrained_cfg_overlay`` collides with the Trainer's own argument), so the model's cfg is
-    adjusted right after creation, before the transforms are built from it.
-    """
-    from qing.train import Trainer
-
-    class SamePreprocessingTrainer(Trainer):
-        def _create_model(self, splits):
-            model = super()._create_model(splits)
-            model.pretrained_cfg = {**model.pretrained_cfg, "crop_pct": 1.0, "crop_mode": "squash"}
-            return model
-
-    return SamePreprocessingTrainer(config)
+    # timm's densenet121.tv_in1k cfg center-crops 87.5%; give it the hybrid's squash resize of the whole image.
+    same_preprocessing = dict(pretrained_cfg_overlay=dict(crop_pct=1.0, crop_mode="squash"))
+    return TrainConfig(model=f"{BASELINE}.tv_in1k", model_args=same_preprocessing, **BASELINE_RECIPE, **shared)
 
 
 def _variant(args: argparse.Namespace) -> str:
@@ -241,11 +224,13 @@ def run_one(model: str, seed: int, args: argparse.Namespace, data: dict[str, Any
     if args.reuse and cached.is_file():
         _log.info("reusing %s", cached)
         return json.loads(cached.read_text())
+    from qing.train import Trainer
+
     init_file, init_text = init_weights(args.init, seed, args.work_dir)
     config = train_config(model, seed=seed, args=args, data=data, init_file=init_file)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    result = make_trainer(config).fit()
+    result = Trainer(config).fit()
     wall = time.perf_counter() - started
     metrics = result.test_metrics
     epoch_times = [h["epoch_time_s"] for h in result.history]
@@ -500,6 +485,7 @@ def cache_timing(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from qing.data import DataConfig, build_datasets, build_transforms, collate_skip_bad, load_splits
+    from qing.train import Trainer
 
     data = data_config(args.dataset, args.data_dir, args.data)
     splits = load_splits(DataConfig(**data))
@@ -535,7 +521,7 @@ def cache_timing(args: argparse.Namespace) -> dict[str, Any]:
                 early_stopping_patience=None,
             )  # fmt: skip
             load = os.getloadavg()[0]
-            result = make_trainer(config).fit()
+            result = Trainer(config).fit()
             for h in result.history:
                 rows.append({
                     "phase": "epochs", "cache_images": cache, "repeat": repeat, "epoch": h["epoch"],
