@@ -20,6 +20,7 @@ from qing.data import (
     build_datasets,
     build_transforms,
     collate_skip_bad,
+    find_images,
     load_splits,
     make_synthetic_cxr,
     patient_from_name,
@@ -311,3 +312,13 @@ def test_cache_skips_decoding_and_matches_uncached(tmp_path):
         assert torch.equal(cached["test"][i]["image"], expected)
     torch.manual_seed(5)
     assert torch.equal(cached["train"][0]["image"], expected_train)  # same augmentation from the cached image
+
+
+def test_find_images_recursive_sorted_without_hidden_or_other_files(tmp_path):
+    for rel in ["b/2.png", "b/1.JPG", "a.dcm", "a/c/3.jpeg", ".hidden/4.png", "b/.5.png", "notes.txt", "b/6.csv"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "linked").symlink_to(tmp_path / "a", target_is_directory=True)
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["a.dcm", "a/c/3.jpeg", "b/1.JPG", "b/2.png", "linked/c/3.jpeg"]
+    assert find_images(tmp_path / "missing") == []

@@ -14,7 +14,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from qing.data import BadImage, ImageLoadError, ImageTransform, collate_skip_bad, is_image_file, load_image
+from qing.data import (
+    BadImage,
+    ImageLoadError,
+    ImageTransform,
+    collate_skip_bad,
+    find_images,
+    is_image_file,
+    load_image,
+)
 
 _GLOB_CHARS = ("*", "?", "[")
 
@@ -30,14 +38,6 @@ class Inputs:
 
     files: list[Path] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _images_in(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
-    return found
 
 
 def expand_inputs(arguments: Sequence[str]) -> Inputs:
@@ -59,7 +59,7 @@ def expand_inputs(arguments: Sequence[str]) -> Inputs:
         if path.is_file():
             add(path)
         elif path.is_dir():
-            images = _images_in(path)
+            images = find_images(path)
             if not images:
                 inputs.missing.append((argument, "folder holds no image files (.png, .jpg, .dcm, ...)"))
             for image in images:
@@ -68,7 +68,7 @@ def expand_inputs(arguments: Sequence[str]) -> Inputs:
             matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(argument), recursive=True))]
             images = [m for m in matches if m.is_file() and is_image_file(m)]
             for folder in (m for m in matches if m.is_dir()):
-                images += _images_in(folder)
+                images += find_images(folder)
             if not images:
                 inputs.missing.append((argument, "no image files match this pattern"))
             for image in images:

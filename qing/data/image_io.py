@@ -26,6 +26,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "check_image_header",
+    "find_images",
     "is_dicom",
     "is_image_file",
     "load_image",
@@ -59,6 +60,15 @@ def is_image_file(path: PathLike) -> bool:
     """Whether ``path`` has an image file name ending (see ``IMAGE_EXTENSIONS``); hidden files are not."""
     name = os.path.basename(path)
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(folder: PathLike) -> list[Path]:
+    """Image files under ``folder``: recursive, sorted, symlinks followed, hidden files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
+    return found
 
 
 def is_dicom(path: PathLike) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from qing.data.image_io import is_image_file
+from qing.data.image_io import find_images
 from qing.models.cnn_transformer import CXR14_LABELS  # the CheXNet list-file label order
 
 __all__ = [
@@ -71,15 +71,6 @@ def patient_from_name(path: PathLike, pattern: Union[str, re.Pattern]) -> str:
     return match.group(1) if regex.groups else match.group(0)
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted, hidden files and folders skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
-    return found
-
-
 def read_class_folders(root: PathLike) -> tuple[list[tuple[Path, str]], list[str]]:
     """Images in ``root/<CLASS>/**`` with their class names.
 
@@ -102,7 +93,7 @@ def read_class_folders(root: PathLike) -> tuple[list[tuple[Path, str]], list[str
     items: list[tuple[Path, str]] = []
     empty = []
     for name in classes:
-        files = _walk_images(root / name)
+        files = find_images(root / name)
         if not files:
             empty.append(name)
         items.extend((f, name) for f in files)
