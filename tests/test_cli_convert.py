@@ -12,9 +12,10 @@ from torch import nn
 
 import qing
 from qing.weights import CHEXNET_LABELS, XRV_PATHOLOGIES
+from tests.model_helpers import randomize_batchnorm
 from tests.reference.original_hybrid import OriginalHybrid
 from tests.test_cli import run_qing
-from tests.test_weights_chexnet import _legacy_chexnet_state_dict, _randomize_bn
+from tests.test_weights_chexnet import _legacy_chexnet_state_dict
 
 
 def _loaded(folder):
@@ -25,7 +26,7 @@ def test_convert_chexnet(tmp_path):
     torch.manual_seed(11)
     reference = torchvision.models.densenet121(weights=None)
     reference.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
-    _randomize_bn(reference)
+    randomize_batchnorm(reference)
     checkpoint = {"epoch": 9, "arch": "densenet121", "state_dict": _legacy_chexnet_state_dict(reference.eval())}
     torch.save(checkpoint, tmp_path / "model.pth.tar", _use_new_zipfile_serialization=False)  # CheXNet's layout
 
@@ -49,10 +50,7 @@ def test_convert_chexnet(tmp_path):
 def test_convert_original_hybrid(tmp_path):
     torch.manual_seed(5)
     reference = OriginalHybrid(num_classes=1)
-    for m in reference.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorm(reference, affine=False)
     torch.save(reference.state_dict(), tmp_path / "best_model.pth")  # what the original script saved
 
     result = run_qing("convert", "best_model.pth", "pneumonia-qing", "--label-names", "Pneumonia", cwd=tmp_path)
@@ -79,10 +77,7 @@ def test_convert_torchxrayvision(tmp_path):
     xrv = pytest.importorskip("torchxrayvision")
     torch.manual_seed(8)
     reference = xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(xrv.models.model_urls["all"]["op_threshs"]))
-    for m in reference.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorm(reference, affine=False)
     torch.save(reference.eval().state_dict(), tmp_path / "xrv_all.pt")
 
     result = run_qing("convert", "xrv_all.pt", "xrv-qing", cwd=tmp_path)

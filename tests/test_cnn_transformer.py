@@ -11,23 +11,15 @@ import qing
 from qing.layers import EncoderBlock, sincos_table
 from qing.models.cnn_transformer import ORIGINAL_MEAN, ORIGINAL_STD
 from qing.weights import convert_original_hybrid
+from tests.model_helpers import randomize_batchnorm
 from tests.reference.original_hybrid import OriginalHybrid
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
 
 
 @pytest.fixture(scope="module")
 def original_pair():
     torch.manual_seed(1)
     original = OriginalHybrid(num_classes=1).eval()
-    _randomize_bn(original)
+    randomize_batchnorm(original)
     state_dict, kwargs = convert_original_hybrid(original.state_dict())
     model = qing.create_model("qing_densenet121_tr2", **kwargs).eval()
     model.load_state_dict(state_dict)

@@ -26,15 +26,7 @@ from qing.weights import (
     load_checkpoint_file,
     load_chexnet_file,
 )
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+from tests.model_helpers import randomize_batchnorm
 
 
 def _legacy_chexnet_state_dict(model: nn.Module, *, batches_tracked: bool = False) -> dict:
@@ -53,7 +45,7 @@ def chexnet(tmp_path_factory):
     torch.manual_seed(11)
     reference = torchvision.models.densenet121(weights=None)
     reference.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
-    _randomize_bn(reference)
+    randomize_batchnorm(reference)
     reference.eval()
     state_dict = _legacy_chexnet_state_dict(reference)
     optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, betas=(0.9, 0.999))

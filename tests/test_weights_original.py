@@ -7,10 +7,10 @@
 import pytest
 import torch
 from timm.data import resolve_data_config
-from torch import nn
 
 import qing
 from qing.weights import CheckpointError, load_checkpoint_file, load_chexnet_file, load_original_hybrid_file
+from tests.model_helpers import randomize_batchnorm
 from tests.reference.original_hybrid import OriginalHybrid
 
 
@@ -19,10 +19,7 @@ def original(tmp_path_factory):
     """``(original model, path of its saved state_dict)``, random weights and BatchNorm statistics."""
     torch.manual_seed(5)
     model = OriginalHybrid(num_classes=1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorm(model, affine=False)
     path = tmp_path_factory.mktemp("original") / "best_model.pth"
     torch.save(model.state_dict(), path)
     return model.eval(), path

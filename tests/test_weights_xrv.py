@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 import qing
 from qing.weights import XRV_PATHOLOGIES, XRV_WEIGHTS, UnsafeCheckpointError, load_xrv_file
 from qing.weights.xrv import thresholds_from_op_threshs
+from tests.model_helpers import randomize_batchnorm
 
 xrv = pytest.importorskip("torchxrayvision")
 
@@ -24,11 +24,7 @@ xrv = pytest.importorskip("torchxrayvision")
 def txv():
     torch.manual_seed(8)
     model = xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(xrv.models.model_urls["all"]["op_threshs"]))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
+    randomize_batchnorm(model)
     return model.eval()
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from qing.meta import TASKS
 
-__all__ = ["as_numpy", "check_inputs", "check_task", "jsonable"]
+__all__ = ["as_2d_float", "as_numpy", "check_inputs", "check_task", "jsonable"]
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -18,6 +18,17 @@ def as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
         x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def as_2d_float(x: Any, name: str, task: str) -> np.ndarray:
+    """``x`` as a float64 ``(N, C)`` array (``(N,)`` accepted for binary); ``ValueError`` naming ``name`` otherwise."""
+    check_task(task)
+    a = as_numpy(x).astype(np.float64, copy=False)
+    if task == "binary" and a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, C), got shape {list(a.shape)}")
+    return a
 
 
 def check_task(task: str) -> None:
@@ -45,12 +56,7 @@ def check_inputs(
     Raises:
         ValueError: naming the argument, the expected shape or range and what was found.
     """
-    check_task(task)
-    p = as_numpy(probs).astype(np.float64, copy=False)
-    if task == "binary" and p.ndim == 1:
-        p = p[:, None]
-    if p.ndim != 2:
-        raise ValueError(f"probs must be a 2-D array (N, C), got shape {list(p.shape)}")
+    p = as_2d_float(probs, "probs", task)
     n, c = p.shape
     if n == 0:
         raise ValueError("probs has no samples (N == 0); nothing to evaluate")

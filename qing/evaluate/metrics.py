@@ -28,7 +28,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from qing.evaluate._inputs import as_numpy, check_inputs, check_task, jsonable
+from qing.evaluate._inputs import as_2d_float, as_numpy, check_inputs, jsonable
 
 __all__ = ["auroc_bootstrap", "compute_metrics", "probabilities"]
 
@@ -47,12 +47,7 @@ def probabilities(logits: Any, task: str) -> np.ndarray:
     Returns:
         float64 array ``(N, C)``; multiclass rows sum to 1.
     """
-    check_task(task)
-    z = as_numpy(logits).astype(np.float64, copy=False)
-    if task == "binary" and z.ndim == 1:
-        z = z[:, None]
-    if z.ndim != 2:
-        raise ValueError(f"logits must be a 2-D array (N, C), got shape {list(z.shape)}")
+    z = as_2d_float(logits, "logits", task)
     if not np.isfinite(z).all():
         raise ValueError(f"logits contain {int((~np.isfinite(z)).sum())} NaN/inf value(s)")
     return softmax(z, axis=1) if task == "multiclass" else expit(z)
