@@ -23,13 +23,16 @@ EXPECTED = {
     "throughput_cpu.json": "the CPU throughput benchmark in `benchmarks/` (training and inference images/s, "
     "peak memory, ratio against DenseNet121 measured in the same run): "
     "`python benchmarks/throughput.py --device cpu`",
+    "throughput_cpu_compile.json": "the same benchmark under `torch.compile`: "
+    "`python benchmarks/throughput.py --device cpu --modes compile "
+    "--out benchmarks/results/throughput_cpu_compile.json`",
     "throughput_cuda.json": "the same benchmark on a CUDA GPU: `python benchmarks/throughput.py --device cuda`",
 }
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1 else f"{value:,.1f}"
+        return f"{value:.4g}" if abs(value) < 10 else f"{value:,.1f}"  # ratios keep 3 decimals: 1.033, 0.965
     if value is None:
         return "—"
     if isinstance(value, (list, tuple, dict)):
