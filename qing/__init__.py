@@ -15,13 +15,13 @@ from qing._factory import create_model, list_models, list_pretrained
 from qing.hub import ModelSourceNotFoundError, from_pretrained, push_to_hub, save_pretrained
 from qing.meta import ModelMeta, get_meta, set_meta
 from qing.models import CNNTransformer
+from qing.version import __version__
 
 if TYPE_CHECKING:
     from qing.data import DataConfig, build_datasets, build_transforms, load_image, load_splits, make_synthetic_cxr
     from qing.train import Callback, NonFiniteLossError, RunResult, TrainConfig, Trainer
     from qing.weights import load_checkpoint_file
 
-__version__ = "0.1.0"
 
 _LAZY = {
     "DataConfig": "qing.data",

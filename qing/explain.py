@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
+from qing._io import save_figure
+
 __all__ = [
     "HEATMAP_METHODS",
     "attention_maps",
@@ -285,13 +287,6 @@ def _mean_std(model: nn.Module, mean: Optional[Sequence[float]], std: Optional[S
     return mean, std
 
 
-def _save(fig: Figure, path: PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, format="png")
-    return path
-
-
 def _image_grid(rows: int, cols: int, *, cell_w: float, cell_h: float) -> tuple[Figure, np.ndarray]:
     """``rows x cols`` image axes (axes off) with room for a small title above each and a figure title.
 
@@ -369,7 +364,7 @@ def save_attention_figure(
                 f"block {block} head {head}",
             )
     fig.suptitle(f"class-token attention ({h}x{w} token grid); not a causal explanation", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_attention_overlays(
@@ -408,7 +403,7 @@ def save_attention_overlays(
         _show(axes[0, i], _as_rgb(picture), titles[i] if titles is not None else f"image {i}")
         _show(axes[1, i], overlay(picture, heat, alpha=alpha), method)
     fig.suptitle("class-token attention over the input (where the model read from, not why)", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_feature_maps_figure(
@@ -444,4 +439,4 @@ def save_feature_maps_figure(
             _show(axes[i, k + 1], maps[i, k].numpy(), f"ch {int(index[i, k])}", cmap="viridis", interpolation="nearest")
     grid = "x".join(str(s) for s in maps.shape[-2:])
     fig.suptitle(f"most active CNN feature maps ({grid} grid, per-map color scale)", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)

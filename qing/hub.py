@@ -60,6 +60,7 @@ from torch import nn
 
 from qing.meta import ModelMeta, get_meta
 from qing.model_card import generate_model_card
+from qing.version import __version__
 
 __all__ = ["ModelSourceNotFoundError", "from_pretrained", "push_to_hub", "save_pretrained"]
 
@@ -191,12 +192,10 @@ def push_to_hub(
         The commit: a ``str`` (its URL) whose ``.oid`` is the commit sha, which pins this exact
         upload: ``qing.create_model(f"hf-hub:{repo_id}@{commit.oid}", pretrained=True)``.
     """
-    import qing
-
     _check_card_fields(model_card, card_fields)
     if revision is not None and _COMMIT_SHA.match(revision):
         raise ValueError(f"revision={revision!r} is a commit sha; push to a branch name (or None for 'main')")
-    api = HfApi(token=token, library_name="qing", library_version=qing.__version__)
+    api = HfApi(token=token, library_name="qing", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(repo_id, branch=revision, exist_ok=True)

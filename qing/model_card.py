@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from qing._format import format_value
+
 __all__ = ["BASE_TAGS", "generate_model_card"]
 
 BASE_TAGS = ("timm", "image-classification", "chest-x-ray", "medical-imaging", "qing")
@@ -222,7 +224,7 @@ def _labels_section(label_names: list[str], num_classes: int, task: Optional[str
         if task == "multiclass":
             t = "argmax"
         elif thresholds:
-            t = _fmt(thresholds[i])
+            t = _fmt4(thresholds[i])
         else:
             t = "0.5 (default)"
         rows.append(f"| {i} | {label} | {t} |")
@@ -268,10 +270,10 @@ def _evaluation(summary: list[tuple[str, Any]], metrics: Mapping[str, Any], data
     if summary:
         rows = ["| Metric | Value |", "|---|---:|"]
         for key, value in summary:
-            text = _fmt(value)
+            text = _fmt4(value)
             ci = _lookup(metrics, key + "_ci")
             if _is_interval(ci):
-                text += f" ({ci_name} {_fmt(ci[0])} to {_fmt(ci[1])})"
+                text += f" ({ci_name} {_fmt4(ci[0])} to {_fmt4(ci[1])})"
             rows.append(f"| {_pretty_key(key)} | {text} |")
         lines.append("\n".join(rows) + "\n")
     per_label = metrics.get("per_label")
@@ -284,9 +286,9 @@ def _evaluation(summary: list[tuple[str, Any]], metrics: Mapping[str, Any], data
         for row in per_label:
             cells = []
             for c in columns:
-                text = _fmt(row.get(c))
+                text = _fmt4(row.get(c))
                 if c == "roc_auc" and _is_interval(row.get("roc_auc_ci")):
-                    text += f" ({_fmt(row['roc_auc_ci'][0])} to {_fmt(row['roc_auc_ci'][1])})"
+                    text += f" ({_fmt4(row['roc_auc_ci'][0])} to {_fmt4(row['roc_auc_ci'][1])})"
                 cells.append(text)
             rows.append(f"| {row['label']} | " + " | ".join(cells) + " |")
         lines.append("Per label:\n\n" + "\n".join(rows) + "\n")
@@ -374,12 +376,8 @@ def _pretty_key(key: str) -> str:
     return " / ".join(_PRETTY.get(part, part) for part in key.split("/"))
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+def _fmt4(value: Any) -> str:
+    return format_value(value, digits=4)
 
 
 def _fmt_seq(values: Sequence[Any]) -> str:

@@ -29,6 +29,7 @@ from typing import Optional
 
 from qing.cli import _convert, _demo, _eval, _explain, _hub, _models, _predict, _train
 from qing.cli._common import CLIError, HelpFormatter
+from qing.version import __version__
 
 __all__ = ["build_parser", "main"]
 
@@ -46,8 +47,6 @@ qing is a research tool, not a medical device.
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qing`` argument parser with every subcommand (the docs' command-line page is made from it)."""
-    from qing import __version__
-
     parser = argparse.ArgumentParser(
         prog="qing",
         description="Chest X-ray classification models on timm: train, evaluate, predict, explain, share.",

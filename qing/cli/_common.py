@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,19 +261,6 @@ def check_new_folder(path: Path, *, overwrite: bool, what: str = "output folder"
         raise CLIError(f"{what} {path} already exists and is not empty; pass --overwrite or choose another folder")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it (no half-written outputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, max_width: int = 60) -> str:
     """A plain-text table: left-aligned columns separated by two spaces, cells cut to ``max_width``."""
 
@@ -296,8 +281,3 @@ def short_path(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def terminal_width() -> int:
-    """Columns of the terminal (80 when not a terminal)."""
-    return shutil.get_terminal_size((80, 24)).columns

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qing._format import format_value
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_new_folder, short_path
 
 EPILOG = """\
@@ -139,10 +140,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"  model:   {best} (best of {result.epochs_completed} epoch(s): epoch {result.best_epoch})")
     if metrics:
         print(
-            f"  test:    AUROC {_number(metrics.get('roc_auc'))}"
+            f"  test:    AUROC {format_value(metrics.get('roc_auc'))}"
             + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-            + f", accuracy {_number(metrics.get('accuracy'))}, sensitivity {_number(metrics.get('sensitivity'))}, "
-            f"specificity {_number(metrics.get('specificity'))} on {metrics.get('n_samples')} images"
+            + f", accuracy {format_value(metrics.get('accuracy'))}, "
+            f"sensitivity {format_value(metrics.get('sensitivity'))}, "
+            f"specificity {format_value(metrics.get('specificity'))} on {metrics.get('n_samples')} images"
         )
     print(f"  time:    {time.perf_counter() - started:.0f} s")
     print(f"  report:  {short_path(result.report_path) if result.report_path else 'not written'}")
@@ -154,7 +156,3 @@ def run(args: argparse.Namespace) -> int:
     print("  qing eval runs/cxr path/to/chest_xray --split test")
     print("  qing models")
     return 0
-
-
-def _number(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else "undefined"

@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from qing._format import format_value
+from qing._io import write_text_atomic
 from qing.cli._common import (
     CLIError,
     HelpFormatter,
@@ -21,7 +23,6 @@ from qing.cli._common import (
     load_model,
     resolve_device,
     short_path,
-    write_text_atomic,
 )
 from qing.cli._inference import run_batches
 
@@ -304,17 +305,13 @@ def _predictions_csv(paths: list[str], targets: np.ndarray, probs: np.ndarray, l
     return buffer.getvalue()
 
 
-def _number(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else "undefined"
-
-
 def _print_summary(metrics: dict[str, Any], loaded: LoadedModel, description: str, n_bad: int) -> None:
     ci = metrics.get("roc_auc_ci")
     interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
     print(f"{loaded.name} on {description}" + (f", {n_bad} unreadable" if n_bad else ""))
-    print(f"  AUROC {_number(metrics.get('roc_auc'))}{interval}, PR-AUC {_number(metrics.get('pr_auc'))}")
+    print(f"  AUROC {format_value(metrics.get('roc_auc'))}{interval}, PR-AUC {format_value(metrics.get('pr_auc'))}")
     print(
-        f"  accuracy {_number(metrics.get('accuracy'))}, sensitivity {_number(metrics.get('sensitivity'))}, "
-        f"specificity {_number(metrics.get('specificity'))}, F1 {_number(metrics.get('f1'))}"
+        f"  accuracy {format_value(metrics.get('accuracy'))}, sensitivity {format_value(metrics.get('sensitivity'))}, "
+        f"specificity {format_value(metrics.get('specificity'))}, F1 {format_value(metrics.get('f1'))}"
     )
     print(f"  thresholds: {loaded.threshold_source}")

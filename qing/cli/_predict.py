@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from qing._io import write_text_atomic
 from qing.cli._common import (
     CLIError,
     HelpFormatter,
@@ -24,7 +25,6 @@ from qing.cli._common import (
     format_table,
     load_model,
     resolve_device,
-    write_text_atomic,
 )
 from qing.cli._inference import ImageFiles, expand_inputs, run_batches
 

@@ -19,19 +19,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, roc_curve
 
+from qing._io import save_figure
 from qing.evaluate._inputs import as_numpy, check_inputs
 
 __all__ = ["curve_groups", "plot_confusion_matrix", "plot_pr_curves", "plot_roc_curves", "plot_training_curves"]
 
 PathLike = Union[str, Path]
 _DPI = 100
-
-
-def _save(fig: Figure, path: PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, format="png")
-    return path
 
 
 def _grid(
@@ -121,7 +115,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike) -
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def plot_confusion_matrix(matrix: Any, path: PathLike, *, labels: Sequence[str], title: str = "") -> Path:
@@ -160,7 +154,7 @@ def plot_confusion_matrix(matrix: Any, path: PathLike, *, labels: Sequence[str],
         )
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def _curve_panels(
@@ -219,7 +213,7 @@ def plot_roc_curves(
         ax.set_title(label, fontsize="medium")
         for text in ax.get_legend().get_texts():
             text.set_fontsize("small")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def plot_pr_curves(
@@ -254,4 +248,4 @@ def plot_pr_curves(
         ax.set_title(label, fontsize="medium")
         for text in ax.get_legend().get_texts():
             text.set_fontsize("small")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)

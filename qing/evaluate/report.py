@@ -13,7 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from qing._format import MISSING, format_value
 from qing.evaluate.plots import plot_confusion_matrix, plot_pr_curves, plot_roc_curves, plot_training_curves
+from qing.version import __version__
 
 __all__ = ["DISCLAIMER", "MAX_REPORT_IMAGES", "write_report"]
 
@@ -34,20 +36,8 @@ BadFile = Union[str, Path, tuple[Any, Any], Mapping[str, Any]]
 Block = tuple
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "undefined"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _ci(interval: Optional[Sequence[float]]) -> str:
-    return "undefined" if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"
+    return MISSING if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"
 
 
 def _bad_file_line(item: BadFile) -> str:
@@ -66,20 +56,20 @@ def _summary_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     boot = metrics.get("roc_auc_bootstrap") or {}
     ci_name = f"AUROC {round(100 * boot['confidence'])}% CI" if boot else "AUROC CI"
     rows = [
-        ["samples", _fmt(metrics["n_samples"])],
-        ["accuracy" + (" (label-wise)" if task == "multilabel" else ""), _fmt(metrics["accuracy"])],
+        ["samples", format_value(metrics["n_samples"])],
+        ["accuracy" + (" (label-wise)" if task == "multilabel" else ""), format_value(metrics["accuracy"])],
     ]
     if task == "multilabel":
-        rows.append(["subset accuracy (exact match)", _fmt(metrics["subset_accuracy"])])
+        rows.append(["subset accuracy (exact match)", format_value(metrics["subset_accuracy"])])
     average = "" if task == "binary" else " (macro)"
     rows += [
-        ["precision" + average, _fmt(metrics["precision"])],
-        ["sensitivity (recall)" + average, _fmt(metrics["sensitivity"])],
-        ["specificity" + ("" if task == "binary" else " (mean)"), _fmt(metrics["specificity"])],
-        ["F1" + average, _fmt(metrics["f1"])],
-        ["AUROC" + mean, _fmt(metrics["roc_auc"])],
+        ["precision" + average, format_value(metrics["precision"])],
+        ["sensitivity (recall)" + average, format_value(metrics["sensitivity"])],
+        ["specificity" + ("" if task == "binary" else " (mean)"), format_value(metrics["specificity"])],
+        ["F1" + average, format_value(metrics["f1"])],
+        ["AUROC" + mean, format_value(metrics["roc_auc"])],
         [ci_name, _ci(metrics.get("roc_auc_ci"))],
-        ["PR-AUC (average precision)" + mean, _fmt(metrics["pr_auc"])],
+        ["PR-AUC (average precision)" + mean, format_value(metrics["pr_auc"])],
     ]
     if boot:
         rows.append(
@@ -113,14 +103,14 @@ def _per_label_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     return [
         [
             row["label"],
-            _fmt(row["n_positive"]),
-            _fmt(row["n_negative"]),
-            _fmt(row["roc_auc"]),
+            format_value(row["n_positive"]),
+            format_value(row["n_negative"]),
+            format_value(row["roc_auc"]),
             _ci(row["roc_auc_ci"]),
-            _fmt(row["pr_auc"]),
+            format_value(row["pr_auc"]),
             "argmax" if row["threshold"] is None else f"{row['threshold']:.4g}",
-            _fmt(row["sensitivity"]),
-            _fmt(row["specificity"]),
+            format_value(row["sensitivity"]),
+            format_value(row["specificity"]),
             row["note"] or "",
         ]
         for row in metrics["per_label"]
@@ -183,8 +173,6 @@ def _sections(
     sections.append((f"Skipped files ({len(bad)})", skipped))
     if metrics.get("notes"):
         sections.append(("Notes", [("list", list(metrics["notes"]))]))
-    from qing import __version__
-
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections.append(("About", [("text", f"Written by qing {__version__} on {stamp}. Full numbers: metrics.json.")]))
     return sections
