@@ -11,16 +11,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from qing import models as models  # registers the qing_* architectures with timm
-from qing._factory import create_model, list_models, list_pretrained
-from qing.hub import ModelSourceNotFoundError, from_pretrained, push_to_hub, save_pretrained
+from qing._factory import create_model, from_pretrained, list_models, list_pretrained
+from qing.hub import ModelSourceNotFoundError, push_to_hub, save_pretrained
 from qing.meta import ModelMeta, get_meta, set_meta
 from qing.models import CNNTransformer
 from qing.version import __version__
 
 if TYPE_CHECKING:
+    from qing.convert import load_checkpoint_file
     from qing.data import DataConfig, build_datasets, build_transforms, load_image, load_splits, make_synthetic_cxr
     from qing.train import Callback, NonFiniteLossError, RunResult, TrainConfig, Trainer
-    from qing.weights import load_checkpoint_file
 
 
 _LAZY = {
@@ -35,7 +35,7 @@ _LAZY = {
     "RunResult": "qing.train",
     "TrainConfig": "qing.train",
     "Trainer": "qing.train",
-    "load_checkpoint_file": "qing.weights",
+    "load_checkpoint_file": "qing.convert",
 }
 
 __all__ = [

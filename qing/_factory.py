@@ -1,8 +1,15 @@
-"""``create_model`` and model listing: timm's, restricted to and checked for qing's models."""
+"""``create_model``, ``from_pretrained`` and model listing: timm's, with clear errors and qing's metadata.
+
+``create_model`` is ``timm.create_model`` with two additions, both in its body: registry names are
+checked first (close matches are suggested), and ``hf-hub:`` / ``local-dir:`` sources are opened with
+:mod:`qing.hub` (their config checked, their errors explained, their ``qing_meta`` restored).
+"""
 
 from __future__ import annotations
 
 import difflib
+import logging
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -10,9 +17,11 @@ import timm
 from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, parse_model_name, split_model_name_tag
 from torch import nn
 
-from qing.hub import handle_model_sources
+from qing.hub import explain_source_errors, open_model_source, restore_meta, source_name
 
-__all__ = ["create_model", "list_models", "list_pretrained"]
+__all__ = ["create_model", "from_pretrained", "list_models", "list_pretrained"]
+
+_logger = logging.getLogger(__name__)
 
 
 def list_models(pattern: str = "qing_*", *, pretrained: bool = False) -> list[str]:
@@ -32,10 +41,8 @@ def list_pretrained(pattern: str = "qing_*") -> list[str]:
 
 
 def _check_model_name(model_name: str) -> None:
-    source, name = parse_model_name(model_name)
-    if source:  # hf-hub: / local-dir: resolve inside timm
-        return
-    arch, tag = split_model_name_tag(name)
+    """Raise ``ValueError`` listing close matches for an unknown registry name or tag."""
+    arch, tag = split_model_name_tag(model_name)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5)  # qing_* names are among them
         raise ValueError(
@@ -52,7 +59,6 @@ def _check_model_name(model_name: str) -> None:
             )
 
 
-@handle_model_sources
 def create_model(
     model_name: str,
     pretrained: bool = False,
@@ -73,7 +79,7 @@ def create_model(
     Args:
         model_name: Architecture, optionally with ``.tag``, or a ``hf-hub:``/``local-dir:`` source.
         pretrained: Load the tag's weights, converted from their format and checked after loading
-            (see :mod:`qing.weights.pretrained`). Weights that cannot be downloaded are looked for
+            (see :func:`qing.models.build_model_with_weights`). Weights that cannot be downloaded are looked for
             in the qing weights directory ``$QING_WEIGHTS_DIR`` (default ``~/.cache/qing/weights``),
             e.g. CheXNet at ``chexnet/model.pth.tar``. A different ``num_classes`` re-initializes
             only the classifier (a warning lists the dropped keys).
@@ -104,9 +110,7 @@ def create_model(
         >>> model.num_classes
         2
     """
-    _check_model_name(model_name)
-    return timm.create_model(
-        model_name,
+    timm_args = dict(
         pretrained=pretrained,
         pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=pretrained_cfg_overlay,
@@ -117,3 +121,53 @@ def create_model(
         no_jit=no_jit,
         **kwargs,
     )
+    try:
+        kind, location = parse_model_name(model_name)
+    except ValueError:
+        kind = None  # a malformed source prefix: timm raises its own error below
+    if kind is None:
+        _check_model_name(model_name)
+        return timm.create_model(model_name, **timm_args)
+
+    # hf-hub: / local-dir: read the source's config first, so missing repos, revisions, files and
+    # offline cache misses fail with a message that says how to fix them
+    source = open_model_source(kind, location, cache_dir=cache_dir, pretrained=pretrained)
+    with explain_source_errors(source):
+        model = timm.create_model(model_name, **timm_args)
+    if pretrained:
+        restore_meta(model, source)
+    elif not checkpoint_path:
+        _logger.warning(
+            "built the %s architecture from %s without its weights (pretrained=False); "
+            "pass pretrained=True or use qing.from_pretrained to load them",
+            source.config["architecture"],
+            source.text,
+        )
+    return model
+
+
+def from_pretrained(
+    source: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load a saved or pushed model with its weights and ``qing_meta``, in eval mode.
+
+    Args:
+        source: A Hub repo id (``"owner/name"``), a local folder (a ``Path``, or a string naming an
+            existing folder), or a prefixed name (``"hf-hub:owner/name[@rev]"``, ``"local-dir:path"``).
+        revision: Hub branch or commit sha to load (same as ``"@rev"`` in the name).
+        cache_dir: Hub cache folder (default: the huggingface_hub cache).
+        **kwargs: Passed to [create_model][qing.create_model], e.g. ``num_classes=3`` for a new head
+            (thresholds and metrics of the old head are then dropped, with a warning).
+
+    Returns:
+        The model in eval mode; ``model.qing_meta`` holds the saved task, thresholds and metrics.
+
+    Raises:
+        qing.hub.ModelSourceNotFoundError: Missing repo, revision, file or folder, or not cached while offline.
+    """
+    model = create_model(source_name(source, revision), pretrained=True, cache_dir=cache_dir, **kwargs)
+    return model.eval()

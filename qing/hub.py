@@ -11,8 +11,10 @@ A saved model is a folder (or a Hub repo) of three files:
 Writing goes through timm's ``save_for_hf`` and ``huggingface_hub.HfApi``; reading through timm's own
 ``hf-hub:`` / ``local-dir:`` sources, so a pushed model also loads with plain
 ``timm.create_model("hf-hub:owner/name", pretrained=True)`` after ``import qing``.
-``qing.create_model`` adds clear errors (missing repo, revision or file; offline cache misses)
-and restores ``model.qing_meta``. Revisions pin with ``"hf-hub:owner/name@<branch or commit sha>"``.
+``qing.create_model`` (and ``qing.from_pretrained``) add what this module's :func:`open_model_source`,
+:func:`explain_source_errors` and :func:`restore_meta` provide: clear errors (missing repo, revision or
+file; offline cache misses) and ``model.qing_meta``. Revisions pin with
+``"hf-hub:owner/name@<branch or commit sha>"``.
 
 Example:
     >>> import qing
@@ -28,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import inspect
 import json
 import logging
@@ -37,15 +38,16 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Optional, Union
 
 import timm
 import torch
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub import constants as hf_constants
+from huggingface_hub.constants import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_SINGLE_FILE
 from huggingface_hub.errors import (
     EntryNotFoundError,
     LocalEntryNotFoundError,
@@ -54,7 +56,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from safetensors import SafetensorError
-from timm.models import parse_model_name, save_for_hf
+from timm.models import save_for_hf
 from timm.utils import unwrap_model
 from torch import nn
 
@@ -62,17 +64,21 @@ from qing.meta import ModelMeta, get_meta
 from qing.model_card import generate_model_card
 from qing.version import __version__
 
-__all__ = ["ModelSourceNotFoundError", "from_pretrained", "push_to_hub", "save_pretrained"]
+__all__ = [
+    "ModelSource",
+    "ModelSourceNotFoundError",
+    "explain_source_errors",
+    "open_model_source",
+    "push_to_hub",
+    "restore_meta",
+    "save_pretrained",
+    "source_name",
+]
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-"""File name of the weights in a saved model folder."""
-CONFIG_NAME = "config.json"
-"""File name of the timm config (with qing's metadata under ``"qing"``)."""
-CARD_NAME = "README.md"
-"""File name of the model card."""
-_RESERVED = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+# The file names of a saved model folder are huggingface_hub's: model.safetensors, config.json, README.md.
+_RESERVED = (SAFETENSORS_SINGLE_FILE, CONFIG_NAME, REPOCARD_NAME)
 # Files timm's ``local-dir:`` loader accepts as weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pth.tar")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -256,7 +262,7 @@ def _write_model_folder(
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         num_params = sum(p.numel() for p in model.parameters())
         card = generate_model_card(config, model_id=model_id, num_params=num_params, **card_fields)
-        (folder / CARD_NAME).write_text(card, encoding="utf-8")
+        (folder / REPOCARD_NAME).write_text(card, encoding="utf-8")
     for name, content in (extra_files or {}).items():
         target = _extra_file_path(folder, name)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -342,36 +348,12 @@ def _replace_dir(staging: Path, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def from_pretrained(
-    source: Union[str, os.PathLike],
-    *,
-    revision: Optional[str] = None,
-    cache_dir: Optional[Union[str, os.PathLike]] = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Load a saved or pushed model with its weights and ``qing_meta``, in eval mode.
-
-    Args:
-        source: A Hub repo id (``"owner/name"``), a local folder (a ``Path``, or a string naming an
-            existing folder), or a prefixed name (``"hf-hub:owner/name[@rev]"``, ``"local-dir:path"``).
-        revision: Hub branch or commit sha to load (same as ``"@rev"`` in the name).
-        cache_dir: Hub cache folder (default: the huggingface_hub cache).
-        **kwargs: Passed to ``qing.create_model``, e.g. ``num_classes=3`` for a new head
-            (thresholds and metrics of the old head are then dropped, with a warning).
-
-    Returns:
-        The model in eval mode; ``model.qing_meta`` holds the saved task, thresholds and metrics.
+def source_name(source: Union[str, os.PathLike], revision: Optional[str] = None) -> str:
+    """The ``hf-hub:``/``local-dir:`` model name for a repo id, folder or prefixed name (see ``qing.from_pretrained``).
 
     Raises:
-        ModelSourceNotFoundError: Missing repo, revision, file or folder, or not cached while offline.
+        ValueError: A revision for a local folder, or two revisions.
     """
-    from qing._factory import create_model
-
-    model = create_model(_source_name(source, revision), pretrained=True, cache_dir=cache_dir, **kwargs)
-    return model.eval()
-
-
-def _source_name(source: Union[str, os.PathLike], revision: Optional[str]) -> str:
     if isinstance(source, os.PathLike) or (":" not in str(source) and Path(source).is_dir()):
         if revision is not None:
             raise ValueError(f"revision={revision!r} given for the local folder {source}; revisions are Hub-only")
@@ -390,11 +372,20 @@ def _source_name(source: Union[str, os.PathLike], revision: Optional[str]) -> st
 
 
 @dataclass
-class _Source:
-    """A resolved ``hf-hub:`` / ``local-dir:`` model: where it is, its config and qing metadata."""
+class ModelSource:
+    """A resolved ``hf-hub:`` / ``local-dir:`` model: where it is, its config and qing metadata.
+
+    Attributes:
+        kind: ``"hf-hub"`` or ``"local-dir"``.
+        location: Repo id or folder path.
+        revision: Hub branch or commit sha, if one was named.
+        config: The source's ``config.json``.
+        meta: Its ``"qing"`` metadata, ``None`` when a non-qing tool saved it.
+        cache_dir: Hub cache folder, if not the default.
+    """
 
     kind: str
-    location: str  # repo id or folder path
+    location: str
     revision: Optional[str]
     config: dict[str, Any]
     meta: Optional[ModelMeta]
@@ -402,63 +393,37 @@ class _Source:
 
     @property
     def text(self) -> str:
+        """The source in words, for messages."""
         if self.kind == "local-dir":
             return f"local model folder {self.location}"
         return f"Hub repo {self.location!r}" + (f" at revision {self.revision!r}" if self.revision else "")
 
 
-_F = TypeVar("_F", bound=Callable[..., nn.Module])
+def open_model_source(
+    kind: str, location: str, *, cache_dir: Optional[Union[str, os.PathLike]] = None, pretrained: bool = True
+) -> ModelSource:
+    """Read and check the ``config.json`` of a ``hf-hub:`` or ``local-dir:`` model before it is built.
 
+    Args:
+        kind: ``"hf-hub"`` or ``"local-dir"`` (as ``timm.models.parse_model_name`` splits a name).
+        location: ``owner/name[@revision]`` or a folder path.
+        cache_dir: Hub cache folder.
+        pretrained: The weights will be loaded too (a local folder must hold a weights file).
 
-def handle_model_sources(create_model_fn: _F) -> _F:
-    """Decorate ``create_model`` so ``hf-hub:`` / ``local-dir:`` names fail clearly and restore ``qing_meta``.
+    Returns:
+        The :class:`ModelSource`, its architecture registered and its qing metadata valid.
 
-    For a source name, the wrapped function first reads the source's ``config.json`` (turning
-    missing repos, revisions, files, folders and offline cache misses into
-    [ModelSourceNotFoundError][qing.hub.ModelSourceNotFoundError] messages that say how to fix them), checks that the
-    architecture is registered and the ``"qing"`` metadata is valid, then calls ``create_model_fn``.
-    With ``pretrained=True`` it sets ``model.qing_meta`` from the config; with ``pretrained=False``
-    it logs that only the architecture was built. Other names pass straight through.
+    Raises:
+        ModelSourceNotFoundError: Missing repo, revision, file or folder, or not cached while offline.
+        ValueError: A corrupt ``config.json``, an unregistered architecture, invalid qing metadata.
     """
-    signature = inspect.signature(create_model_fn)
-
-    @functools.wraps(create_model_fn)
-    def create_model(*args: Any, **kwargs: Any) -> nn.Module:
-        arguments = signature.bind(*args, **kwargs).arguments
-        try:
-            kind, location = parse_model_name(arguments["model_name"])
-        except ValueError:
-            kind = None  # let create_model_fn raise its own error for a malformed name
-        if kind is None:
-            return create_model_fn(*args, **kwargs)
-        pretrained = bool(arguments.get("pretrained", False))
-        source = _open_source(kind, location, cache_dir=arguments.get("cache_dir"), pretrained=pretrained)
-        with _explain_errors(source):
-            model = create_model_fn(*args, **kwargs)
-        if pretrained:
-            _restore_meta(model, source)
-        elif not arguments.get("checkpoint_path"):
-            _logger.warning(
-                "built the %s architecture from %s without its weights (pretrained=False); "
-                "pass pretrained=True or use qing.from_pretrained to load them",
-                source.config["architecture"],
-                source.text,
-            )
-        return model
-
-    return create_model  # type: ignore[return-value]
-
-
-def _open_source(
-    kind: str, location: str, *, cache_dir: Optional[Union[str, os.PathLike]], pretrained: bool
-) -> _Source:
     if kind == "local-dir":
-        source = _Source(kind, location, None, {}, None)
+        source = ModelSource(kind, location, None, {}, None)
         config_path = _check_local_dir(Path(location), pretrained=pretrained)
     else:
         repo_id, _, revision = location.partition("@")
-        source = _Source(kind, repo_id, revision or None, {}, None, os.fspath(cache_dir) if cache_dir else None)
-        with _explain_errors(source, filename=CONFIG_NAME):
+        source = ModelSource(kind, repo_id, revision or None, {}, None, os.fspath(cache_dir) if cache_dir else None)
+        with explain_source_errors(source, filename=CONFIG_NAME):
             config_path = Path(
                 hf_hub_download(
                     repo_id, CONFIG_NAME, revision=source.revision, cache_dir=cache_dir, library_name="qing"
@@ -485,9 +450,8 @@ def _open_source(
 
 
 def _check_local_dir(folder: Path, *, pretrained: bool) -> Path:
-    expected = (
-        f"expected a folder written by qing.save_pretrained or timm's save_for_hf ({CONFIG_NAME}, {WEIGHTS_NAME})"
-    )
+    files = f"{CONFIG_NAME}, {SAFETENSORS_SINGLE_FILE}"
+    expected = f"expected a folder written by qing.save_pretrained or timm's save_for_hf ({files})"
     if not folder.exists():
         raise ModelSourceNotFoundError(f"local model folder {folder} does not exist; {expected}")
     if not folder.is_dir():
@@ -496,13 +460,24 @@ def _check_local_dir(folder: Path, *, pretrained: bool) -> Path:
     if not config_path.is_file():
         raise ModelSourceNotFoundError(f"local model folder {folder} has no {CONFIG_NAME}; {expected}")
     if pretrained and not any(p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir()):
-        raise ModelSourceNotFoundError(f"local model folder {folder} has no weights file ({WEIGHTS_NAME}); {expected}")
+        raise ModelSourceNotFoundError(
+            f"local model folder {folder} has no weights file ({SAFETENSORS_SINGLE_FILE}); {expected}"
+        )
     return config_path
 
 
 @contextlib.contextmanager
-def _explain_errors(source: _Source, filename: Optional[str] = None) -> Iterator[None]:
-    """Re-raise Hub, cache and checkpoint errors with a message that names the source and the fix."""
+def explain_source_errors(source: ModelSource, filename: Optional[str] = None) -> Iterator[None]:
+    """Re-raise Hub, cache and checkpoint errors met while reading ``source`` with a message naming it and the fix.
+
+    Args:
+        source: What is being read.
+        filename: The file being fetched, when known (for the message).
+
+    Raises:
+        ModelSourceNotFoundError: A missing repo, revision, file, or a cache miss while offline.
+        ValueError: A corrupt weights file, or weights for another architecture.
+    """
     try:
         yield
     except RevisionNotFoundError as err:
@@ -522,8 +497,8 @@ def _explain_errors(source: _Source, filename: Optional[str] = None) -> Iterator
     except EntryNotFoundError as err:  # the repo and revision exist, the file does not
         missing = filename or _filename_from_error(err) or "a weights file"
         raise ModelSourceNotFoundError(
-            f"{source.text} has no {missing}: expected a timm model repo with {CONFIG_NAME} and {WEIGHTS_NAME} "
-            "(as written by qing.push_to_hub or timm's push_to_hf_hub)"
+            f"{source.text} has no {missing}: expected a timm model repo with {CONFIG_NAME} and "
+            f"{SAFETENSORS_SINGLE_FILE} (as written by qing.push_to_hub or timm's push_to_hf_hub)"
         ) from err
     except OfflineModeIsEnabled as err:
         raise ModelSourceNotFoundError(_cache_miss_message(source, filename)) from err
@@ -542,7 +517,7 @@ def _explain_errors(source: _Source, filename: Optional[str] = None) -> Iterator
         ) from err
 
 
-def _cache_miss_message(source: _Source, filename: Optional[str]) -> str:
+def _cache_miss_message(source: ModelSource, filename: Optional[str]) -> str:
     cache = source.cache_dir or hf_constants.HF_HUB_CACHE
     what = f"{source.text}" + (f" ({filename})" if filename else "")
     download = f"`hf download {source.location}"
@@ -569,7 +544,8 @@ def _filename_from_error(err: Exception) -> Optional[str]:
     return url.rsplit("/", 1)[-1] or None
 
 
-def _restore_meta(model: nn.Module, source: _Source) -> None:
+def restore_meta(model: nn.Module, source: ModelSource) -> None:
+    """Set ``model.qing_meta`` from the source's saved metadata (dropping what described a replaced head)."""
     if source.meta is None:
         return  # not saved by qing: nothing to restore
     meta = source.meta

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import qing
-from qing.weights import CHEXNET_LABELS, XRV_PATHOLOGIES
+from qing.weights import CXR14_LABELS, XRV_PATHOLOGIES
 from tests.model_helpers import randomize_batchnorm
 from tests.reference.original_hybrid import OriginalHybrid
 from tests.test_cli import run_qing
@@ -37,11 +37,11 @@ def test_convert_chexnet(tmp_path):
     assert lines[1] == ("read: 606 tensors from model.pth.tar: module.densenet121.{features.* (604), classifier.* (2)}")
     assert lines[2] == "target: qing_chexnet_densenet121 (in_chans=3, num_classes=14)"
     assert lines[3] == "mapped: 606 tensors loaded and checked: features.* (604), classifier.* (2)"
-    assert lines[4] == f"outputs: 14 ({', '.join(CHEXNET_LABELS)})"
+    assert lines[4] == f"outputs: 14 ({', '.join(CXR14_LABELS)})"
     assert "saved: chexnet-qing (README.md, config.json, model.safetensors)" in lines
 
     model = _loaded(tmp_path / "chexnet-qing")
-    assert tuple(model.pretrained_cfg["label_names"]) == CHEXNET_LABELS and model.pretrained_cfg["crop_pct"] == 0.875
+    assert tuple(model.pretrained_cfg["label_names"]) == CXR14_LABELS and model.pretrained_cfg["crop_pct"] == 0.875
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.sigmoid(model(x)), reference(x), rtol=1e-5, atol=1e-6)

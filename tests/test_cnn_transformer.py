@@ -9,8 +9,7 @@ from torch import nn
 
 import qing
 from qing.layers import EncoderBlock, sincos_table
-from qing.models.cnn_transformer import ORIGINAL_MEAN, ORIGINAL_STD
-from qing.weights import convert_original_hybrid
+from qing.weights import ORIGINAL_PREPROCESSING, convert_original_hybrid
 from tests.model_helpers import randomize_batchnorm
 from tests.reference.original_hybrid import OriginalHybrid
 
@@ -46,7 +45,8 @@ def test_original_config_values():
     assert model.pos_drop.p == model.head_drop.p == model.blocks[0].mlp.drop1.p == 0.2
     assert isinstance(model.backbone.features.norm5.act, nn.Identity)  # torchvision `features` ends at norm5
     original = qing.create_model("qing_densenet121_tr2.original")  # no weights, the original preprocessing
-    assert original.pretrained_cfg["mean"] == ORIGINAL_MEAN and original.pretrained_cfg["std"] == ORIGINAL_STD
+    assert original.pretrained_cfg["mean"] == ORIGINAL_PREPROCESSING["mean"]
+    assert original.pretrained_cfg["std"] == ORIGINAL_PREPROCESSING["std"]
     config = resolve_data_config(model=original)
     assert config["crop_mode"] == "squash" and config["crop_pct"] == 1.0  # Resize((224, 224)), no crop
 

@@ -173,7 +173,7 @@ def test_nih_csv_multilabel_with_split_column(nih_64):
     cfg = DataConfig(labels_csv=str(nih_64 / "labels.csv"), split_column="repo_split", patient_column="patient")
     splits = load_splits(cfg)
     assert splits.task == "multilabel"
-    assert splits.label_names == list(qing.models.cnn_transformer.CXR14_LABELS)
+    assert splits.label_names == list(qing.weights.CXR14_LABELS)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (600, 200, 200)
     with open(nih_64 / "labels.csv") as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}

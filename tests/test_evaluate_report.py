@@ -21,7 +21,7 @@ from qing.evaluate import (
     write_report,
 )
 from qing.evaluate.plots import curve_groups
-from qing.models.cnn_transformer import CXR14_LABELS
+from qing.weights import CXR14_LABELS
 
 HISTORY = [
     {"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_auroc": 0.5 + 0.05 * e, "lr": 1e-4 * 0.5**e}

@@ -18,8 +18,9 @@ from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 import qing
+from qing import from_pretrained
 from qing.evaluate.metrics import compute_metrics
-from qing.hub import ModelSourceNotFoundError, from_pretrained, push_to_hub, save_pretrained
+from qing.hub import ModelSourceNotFoundError, push_to_hub, save_pretrained
 from qing.meta import ModelMeta, set_meta
 
 pytest_plugins = ["tests.hub_server"]  # the loopback Hub fixtures: hub_server, hub
@@ -226,7 +227,7 @@ def test_local_dir_errors(tmp_path):
 
 def test_new_head_drops_head_metadata_and_no_weights_is_logged(tmp_path, caplog):
     folder = save_pretrained(_binary_model(), tmp_path / "m", label_names=["Pneumonia"])
-    with caplog.at_level(logging.WARNING, logger="qing.hub"):
+    with caplog.at_level(logging.WARNING, logger="qing"):
         model = qing.create_model(f"local-dir:{folder}", pretrained=True, num_classes=3)
     assert model.num_classes == 3
     assert model.qing_meta == ModelMeta(datasets=["cxr-pneumonia-200"])
@@ -236,7 +237,7 @@ def test_new_head_drops_head_metadata_and_no_weights_is_logged(tmp_path, caplog)
     assert "thresholds, threshold_method, metrics, task (it described the old head)" in caplog.text
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="qing.hub"):
+    with caplog.at_level(logging.WARNING, logger="qing"):
         bare = qing.create_model(f"local-dir:{folder}")  # architecture only, like timm
     assert not hasattr(bare, "qing_meta")
     assert caplog.messages == [

@@ -73,7 +73,7 @@ def test_nih_multilabel_run_from_a_label_csv(tmp_path, nih_64):
         "patient_regex": None,
     }
     cfg = tiny_config(nih_64, tmp_path / "run", epochs=1, batch_size=16, report=True, log_images=2, data=data)
-    labels = list(qing.models.cnn_transformer.CXR14_LABELS)
+    labels = list(qing.weights.CXR14_LABELS)
     absent = [name for name in labels if not any(r[name] == "1" for r in keep if r["repo_split"] == "valid")]
     assert "Hernia" in absent and len(absent) < 14
     with pytest.warns(UserWarning, match="validation targets are all negative; no threshold can be chosen") as caught:

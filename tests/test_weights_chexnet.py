@@ -18,14 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import qing
-from qing.weights import (
-    CHEXNET_LABELS,
-    CheckpointError,
-    checkpoint_filter_fn,
-    convert_chexnet,
-    load_checkpoint_file,
-    load_chexnet_file,
-)
+from qing.convert import load_checkpoint_file, load_chexnet_file
+from qing.models import checkpoint_filter_fn
+from qing.weights import CXR14_LABELS, CheckpointError, convert_chexnet
 from tests.model_helpers import randomize_batchnorm
 
 
@@ -73,13 +68,13 @@ def test_the_file_is_chexnet_layout(chexnet):
 
 def test_chexnet_file_equals_torchvision(chexnet, caplog):
     reference, path = chexnet
-    with caplog.at_level(logging.INFO, logger="qing.weights"):
+    with caplog.at_level(logging.INFO, logger="qing"):
         converted = load_chexnet_file(path)
     assert f"{path}: detected chexnet (CheXNet model.pth.tar" in caplog.text
     assert (converted.format, converted.model_name) == ("chexnet", "qing_chexnet_densenet121")
     assert converted.model_kwargs == {"in_chans": 3, "num_classes": 14}
     cfg = converted.pretrained_cfg
-    assert cfg["label_names"] == CHEXNET_LABELS and cfg["file"] == str(path)
+    assert cfg["label_names"] == CXR14_LABELS and cfg["file"] == str(path)
     assert (cfg["mean"], cfg["std"]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
     model = converted.create_model().eval()
@@ -131,7 +126,7 @@ def test_num_batches_tracked_is_accepted(chexnet):
 
 def test_other_class_count_reinitializes_only_the_classifier(chexnet, caplog):
     reference, path = chexnet
-    with caplog.at_level(logging.WARNING, logger="qing.weights"):
+    with caplog.at_level(logging.WARNING, logger="qing"):
         model = qing.create_model(
             "qing_chexnet_densenet121", pretrained=True, num_classes=2, pretrained_cfg_overlay=dict(file=str(path))
         ).eval()
@@ -155,8 +150,8 @@ def test_a_torchvision_densenet_file_is_not_chexnet(chexnet, tmp_path):
         f"{path}: found a torchvision/timm DenseNet121 (features.*, classifier.*), expected CheXNet model.pth.tar "
         "(module.densenet121.*, legacy norm.1 names, classifier.0)"
     )
-    converted = load_checkpoint_file(path, model_name="qing_chexnet_densenet121", label_names=list(CHEXNET_LABELS))
-    assert converted.format == "densenet121" and converted.pretrained_cfg["label_names"] == CHEXNET_LABELS
+    converted = load_checkpoint_file(path, model_name="qing_chexnet_densenet121", label_names=list(CXR14_LABELS))
+    assert converted.format == "densenet121" and converted.pretrained_cfg["label_names"] == CXR14_LABELS
     model = converted.create_model().eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

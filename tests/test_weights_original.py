@@ -9,7 +9,8 @@ import torch
 from timm.data import resolve_data_config
 
 import qing
-from qing.weights import CheckpointError, load_checkpoint_file, load_chexnet_file, load_original_hybrid_file
+from qing.convert import load_checkpoint_file, load_chexnet_file, load_original_hybrid_file
+from qing.weights import CheckpointError
 from tests.model_helpers import randomize_batchnorm
 from tests.reference.original_hybrid import OriginalHybrid
 
@@ -70,7 +71,7 @@ def test_pretrained_cfg_overlay_file_path(original):
 def test_overlay_file_switches_to_the_original_preprocessing(original, caplog):
     """The default tag is CheXNet's (ImageNet normalization); original weights need the original transform."""
     _, path = original
-    with caplog.at_level("WARNING", logger="qing.weights"):
+    with caplog.at_level("WARNING", logger="qing"):
         model = qing.create_model("qing_densenet121_tr2", pretrained=True, num_classes=1,
                                   pretrained_cfg_overlay=dict(file=str(path)))  # fmt: skip
     assert resolve_data_config(model=model)["mean"] == (0.485,) * 3

@@ -15,17 +15,17 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
 import qing
+from qing.convert import load_checkpoint_file
+from qing.models import CheckpointFilter
 from qing.weights import (
     FORMATS,
     CheckpointError,
     UnsafeCheckpointError,
     WeightsNotFoundError,
-    load_checkpoint_file,
+    convert_for_hybrid,
     read_checkpoint,
     read_state_dict,
 )
-from qing.weights.filters import convert_for_hybrid
-from qing.weights.pretrained import CheckpointFilter
 
 TAG = "qing_test_tr1.r160_in1k"
 HUB_REPO = "timm/test_resnet.r160_in1k"
@@ -226,7 +226,7 @@ def test_unknown_tags_and_models_list_valid_ones():
 def test_qing_weights_dir_supplies_hub_weights(weights_dir, resnet_weights, caplog):
     (weights_dir / HUB_REPO).mkdir(parents=True)
     save_file(resnet_weights, weights_dir / HUB_REPO / "model.safetensors")
-    with caplog.at_level(logging.INFO, logger="qing.weights"):
+    with caplog.at_level(logging.INFO, logger="qing"):
         model = qing.create_model(TAG, pretrained=True, num_classes=2)
     assert _backbone_equal(model, resnet_weights)
     report = model.qing_load_report
@@ -274,7 +274,7 @@ def test_overlay_file_loads_a_whole_qing_model(trained_tiny, tmp_path, monkeypat
 
 def test_new_num_classes_reinitializes_only_the_head(trained_tiny, caplog):
     source, path = trained_tiny
-    with caplog.at_level(logging.WARNING, logger="qing.weights"):
+    with caplog.at_level(logging.WARNING, logger="qing"):
         model = qing.create_model(TAG, pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=str(path)))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
@@ -296,7 +296,7 @@ def test_a_fitting_head_loads_even_when_the_cfg_class_count_differs(tmp_path, ca
     source = qing.create_model("qing_test_tr1", num_classes=1)
     torch.nn.init.normal_(source.head.weight)
     save_file(source.state_dict(), tmp_path / "binary.safetensors")
-    with caplog.at_level(logging.WARNING, logger="qing.weights"):
+    with caplog.at_level(logging.WARNING, logger="qing"):
         model = qing.create_model(
             TAG, pretrained=True, num_classes=1, pretrained_cfg_overlay=dict(file=str(tmp_path / "binary.safetensors"))
         )
@@ -367,7 +367,7 @@ def test_dispatcher_reads_a_saved_qing_model(tmp_path, caplog):
     source = qing.create_model("qing_test_tr1", num_classes=2).eval()
     qing.set_meta(source, task="multilabel", thresholds=[0.3, 0.7])
     folder = qing.save_pretrained(source, tmp_path / "saved", label_names=["Effusion", "Edema"])
-    with caplog.at_level(logging.INFO, logger="qing.weights"):
+    with caplog.at_level(logging.INFO, logger="qing"):
         converted = load_checkpoint_file(folder)
     assert f"{folder / 'model.safetensors'}: detected qing (a qing CNN-Transformer state dict" in caplog.text
     assert (converted.format, converted.model_name) == ("qing", "qing_test_tr1")
@@ -408,7 +408,7 @@ def test_a_new_head_drops_the_source_label_names_quietly(tmp_path, caplog):
     """Backbone-only weights and a head for the caller's classes: nothing mismatched, so no warning."""
     path = tmp_path / "test_resnet.safetensors"
     save_file(timm.create_model("test_resnet").state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="qing.weights"):
+    with caplog.at_level(logging.INFO, logger="qing"):
         model = qing.create_model(TAG, pretrained=True, num_classes=1, pretrained_cfg_overlay=dict(file=str(path)))
     assert model.pretrained_cfg["label_names"] is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "label_names" in r.getMessage()]

@@ -13,7 +13,8 @@ import torch
 from torch.nn import functional as F
 
 import qing
-from qing.weights import XRV_PATHOLOGIES, XRV_WEIGHTS, UnsafeCheckpointError, load_xrv_file
+from qing.convert import load_xrv_file
+from qing.weights import XRV_PATHOLOGIES, XRV_WEIGHTS, UnsafeCheckpointError
 from qing.weights.xrv import thresholds_from_op_threshs
 from tests.model_helpers import randomize_batchnorm
 
@@ -113,7 +114,7 @@ def test_release_files_are_pickles_that_need_trust(txv, tmp_path, monkeypatch, c
     assert converted.thresholds is None  # the file has none; the registry tag does
 
     monkeypatch.setenv("QING_TRUST_PICKLE", "1")
-    with caplog.at_level(logging.WARNING, logger="qing.weights"):
+    with caplog.at_level(logging.WARNING, logger="qing"):
         model = qing.create_model("qing_xrv_densenet121.nih", pretrained=True).eval()
     assert f"Unpickling {path} with weights_only=False" in caplog.text
     assert model.qing_meta.thresholds == thresholds_from_op_threshs(XRV_WEIGHTS["nih"].op_threshs)

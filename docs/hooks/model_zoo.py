@@ -84,7 +84,7 @@ def model_zoo_markdown() -> str:
     from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, model_entrypoint
 
     import qing
-    from qing.models.cnn_transformer import CXR14_LABELS
+    from qing.weights import CXR14_LABELS
 
     archs = qing.list_models()
     if not archs:

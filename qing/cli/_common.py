@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from huggingface_hub.constants import CONFIG_NAME
 from torch import nn
+
+from qing._factory import create_model
+from qing.convert import load_checkpoint_file
+from qing.meta import get_meta
 
 _log = logging.getLogger("qing.cli")
 
@@ -132,26 +137,23 @@ def _model_folder(path: Path) -> Optional[Path]:
     """The model folder a path names: itself, a run folder's ``checkpoints/best``, or a weights file's folder."""
     if path.is_dir():
         for candidate in (path, path / "checkpoints" / "best"):
-            if (candidate / "config.json").is_file():
+            if (candidate / CONFIG_NAME).is_file():
                 return candidate
         return None
-    if path.name == "config.json" or (path.suffix == ".safetensors" and (path.parent / "config.json").is_file()):
+    if path.name == CONFIG_NAME or (path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file()):
         return path.parent
     return None
 
 
-def _create(spec: str) -> tuple[nn.Module, str]:
+def _create_from_spec(spec: str) -> tuple[nn.Module, str]:
     """Build the model a MODEL argument names, with its weights; returns ``(model, description)``."""
-    import qing
-    from qing.weights import load_checkpoint_file
-
     if spec.startswith(("hf-hub:", "local-dir:")):
-        return qing.create_model(spec, pretrained=True), spec
+        return create_model(spec, pretrained=True), spec
     path = Path(spec).expanduser()
     if path.exists():
         folder = _model_folder(path)
         if folder is not None:
-            return qing.create_model(f"local-dir:{folder}", pretrained=True), f"model folder {folder}"
+            return create_model(f"local-dir:{folder}", pretrained=True), f"model folder {folder}"
         if path.is_dir():
             raise CLIError(
                 f"{path} is not a model folder: it has no config.json (expected a folder written by qing train, "
@@ -168,7 +170,7 @@ def _create(spec: str) -> tuple[nn.Module, str]:
     if _looks_like_path(spec):
         hint = f"; for a Hub repo write hf-hub:{spec}" if spec.count("/") == 1 and not spec.startswith(".") else ""
         raise CLIError(f"model folder or checkpoint not found: {spec}{hint}")
-    model = qing.create_model(spec, pretrained=True)
+    model = create_model(spec, pretrained=True)
     _warn_untrained_head(model, spec)
     return model, f"registered weights {spec}"
 
@@ -219,9 +221,7 @@ def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = No
     ``checkpoints/best``), ``hf-hub:owner/name[@revision]``, ``local-dir:PATH``, a registered
     ``architecture.tag``, or a foreign checkpoint file (converted on the fly).
     """
-    from qing.meta import get_meta
-
-    model, source = _create(spec)
+    model, source = _create_from_spec(spec)
     model = model.eval().to(device)
     labels = model_labels(model)
     meta = get_meta(model)

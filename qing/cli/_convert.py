@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_new_folder, short_path
+from qing.convert import load_checkpoint_file
+from qing.hub import save_pretrained
+from qing.weights import FORMATS, read_state_dict, summarize_keys
 
 EPILOG = """\
 examples:
@@ -46,10 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import qing
-    from qing.weights import FORMATS, load_checkpoint_file, read_state_dict
-    from qing.weights.pretrained import summarize_keys
-
     if not args.src.exists():
         raise CLIError(f"checkpoint file not found: {args.src}")
     check_new_folder(args.dst, overwrite=args.overwrite, what="DST")
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         f"preprocessing: input {'x'.join(map(str, cfg['input_size']))}, mean ({mean}), std ({std}), "
         f"crop {cfg.get('crop_mode')} {cfg.get('crop_pct')}, {cfg.get('interpolation')}"
     )
-    folder = qing.save_pretrained(
+    folder = save_pretrained(
         model,
         args.dst,
         description=f"Converted with `qing convert` from {FORMATS[converted.format]} ({Path(converted.source).name}).",

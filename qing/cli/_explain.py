@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from qing.cli._common import (
     CLIError,
     HelpFormatter,
@@ -15,6 +17,9 @@ from qing.cli._common import (
     resolve_device,
     short_path,
 )
+from qing.data import build_transforms, load_image
+from qing.evaluate import probabilities
+from qing.explain import save_attention_figure
 
 EPILOG = """\
 examples:
@@ -47,12 +52,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from qing.data import build_transforms, load_image
-    from qing.evaluate import probabilities
-    from qing.explain import save_attention_figure
-
     output = args.output or Path(f"{args.image.name.split('.')[0]}_attention.png")
     check_new_file(output, overwrite=args.overwrite)
     if not args.image.is_file():

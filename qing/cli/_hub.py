@@ -10,7 +10,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import constants
+
+from qing._factory import from_pretrained
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_new_folder, load_model, short_path
+from qing.hub import push_to_hub, save_pretrained
 
 PUSH_EPILOG = """\
 examples:
@@ -68,15 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    import torch
-    from huggingface_hub import constants
-
-    import qing
-
     if constants.HF_HUB_OFFLINE:
         raise CLIError("pushing needs the network but HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0)")
     loaded = load_model(args.dir, device=torch.device("cpu"))
-    commit = qing.push_to_hub(
+    commit = push_to_hub(
         loaded.model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
         commit_message=args.message,
     )  # fmt: skip
@@ -96,10 +96,6 @@ def _repo_from_url(url: str, given: str) -> str:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from huggingface_hub import constants
-
-    import qing
-
     check_new_folder(args.dir, overwrite=args.overwrite, what="DIR")
     repo = args.repo_id.removeprefix("hf-hub:")
     if repo.startswith("local-dir:") or Path(repo).is_dir():
@@ -108,8 +104,8 @@ def run_pull(args: argparse.Namespace) -> int:
     if revision and args.revision:
         raise CLIError(f"{args.repo_id} already names a revision; drop --revision {args.revision}")
     revision = revision or args.revision
-    model = qing.from_pretrained(repo_id, revision=revision, cache_dir=args.cache_dir)
-    folder = qing.save_pretrained(model, args.dir, repo_id=repo_id)
+    model = from_pretrained(repo_id, revision=revision, cache_dir=args.cache_dir)
+    folder = save_pretrained(model, args.dir, repo_id=repo_id)
     meta = model.qing_meta
     labels = model.pretrained_cfg.get("label_names") or ()
     where = "the local Hub cache" if constants.HF_HUB_OFFLINE else constants.ENDPOINT

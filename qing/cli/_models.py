@@ -7,7 +7,11 @@ import fnmatch
 import json
 from typing import Any
 
+from timm.models import get_arch_pretrained_cfgs
+
+from qing._factory import create_model, list_models
 from qing.cli._common import HelpFormatter, add_common_flags, format_table
+from qing.weights import WeightsNotFoundError, hub_cached, locate_weights  # the loader's own lookup
 
 EPILOG = """\
 examples:
@@ -41,9 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def weights_status(full_name: str, cfg: Any) -> str:
     """Where the weights of a pretrained cfg are on this machine, using qing's own lookup (no download)."""
-    from qing.weights import WeightsNotFoundError, locate_weights
-    from qing.weights.pretrained import hub_cached  # the loader's own cache check: the same answer as loading
-
     if not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict is not None):
         return "-"
     try:
@@ -58,21 +59,15 @@ def weights_status(full_name: str, cfg: Any) -> str:
 
 
 def _param_count(arch: str, num_classes: int) -> int:
-    import qing
-
-    model = qing.create_model(arch, num_classes=num_classes, device="meta")  # no memory, no weights
+    model = create_model(arch, num_classes=num_classes, device="meta")  # no memory, no weights
     return sum(p.numel() for p in model.parameters())
 
 
 def collect(pattern: str, *, pretrained: bool) -> list[dict[str, Any]]:
     """One row per architecture and tag whose name matches ``pattern`` (a wildcard, else a substring)."""
-    from timm.models import get_arch_pretrained_cfgs
-
-    import qing
-
     wildcard = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
     rows, params = [], {}
-    for arch in qing.list_models():
+    for arch in list_models():
         for full_name, cfg in get_arch_pretrained_cfgs(arch).items():
             if not fnmatch.fnmatch(full_name, wildcard):
                 continue

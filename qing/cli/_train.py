@@ -22,6 +22,9 @@ from typing import Any, Union
 import yaml
 
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, short_path
+from qing.data import DataConfig
+from qing.train import PRESETS, TrainConfig, Trainer
+from qing.train.__main__ import apply_overrides
 
 EPILOG = """\
 examples:
@@ -150,9 +153,6 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, *, prefix: str, skip:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from qing.data import DataConfig
-    from qing.train import PRESETS, TrainConfig
-
     parser = subparsers.add_parser(
         "train",
         help="fine-tune a model (every TrainConfig field is a flag)",
@@ -198,9 +198,6 @@ def _data_source(data: str) -> dict[str, Any]:
 
 def resolve_config(args: argparse.Namespace) -> Any:
     """The :class:`~qing.train.TrainConfig` the arguments describe."""
-    from qing.train import TrainConfig
-    from qing.train.__main__ import apply_overrides
-
     values: dict[str, Any] = {}
     if args.config is not None:
         if not args.config.is_file():
@@ -230,8 +227,6 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qing.train import Trainer
-
     config = resolve_config(args)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")

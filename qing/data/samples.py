@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from qing.data.image_io import find_images
-from qing.models.cnn_transformer import CXR14_LABELS  # the CheXNet list-file label order
+from qing.weights import CXR14_LABELS  # the list files' label order
 
 __all__ = [
     "PATIENT_REGEX_KERMANY",

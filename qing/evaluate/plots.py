@@ -10,7 +10,7 @@ results get one panel per label (one-vs-rest) in a grid of at most four columns.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -176,6 +176,34 @@ def _undefined(ax: Axes, label: str, y: np.ndarray) -> None:
     ax.set(title=label, xticks=[], yticks=[])
 
 
+def _plot_curves(
+    targets: Any,
+    probs: Any,
+    path: PathLike,
+    *,
+    task: str,
+    label_names: Sequence[str],
+    display: Any,
+    xlabel: str,
+    ylabel: str,
+    decorate: Optional[Callable[[Axes, int, np.ndarray, np.ndarray], None]] = None,
+) -> Path:
+    """One scikit-learn curve ``display`` per output panel; ``decorate(ax, j, y, p)`` adds to panel ``j``."""
+    fig, panels = _curve_panels(targets, probs, task=task, label_names=label_names)
+    for j, (ax, label, y, p) in enumerate(panels):
+        if y.min() == y.max():
+            _undefined(ax, label, y)
+            continue
+        display.from_predictions(y, p, ax=ax, name=label, plot_chance_level=True)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        if decorate is not None:
+            decorate(ax, j, y, p)
+        ax.set_title(label, fontsize="medium")
+        for text in ax.get_legend().get_texts():
+            text.set_fontsize("small")
+    return save_figure(fig, path, dpi=_DPI)
+
+
 def plot_roc_curves(
     targets: Any,
     probs: Any,
@@ -198,22 +226,17 @@ def plot_roc_curves(
     Returns:
         ``path``.
     """
-    fig, panels = _curve_panels(targets, probs, task=task, label_names=label_names)
-    for j, (ax, label, y, p) in enumerate(panels):
-        if y.min() == y.max():
-            _undefined(ax, label, y)
-            continue
-        RocCurveDisplay.from_predictions(y, p, ax=ax, name=label, plot_chance_level=True)
-        ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)")
-        if thresholds:
-            fpr, tpr, cut = roc_curve(y, p, drop_intermediate=False)
-            i = int(np.flatnonzero(cut >= thresholds[j])[-1])
-            ax.plot(fpr[i], tpr[i], "o", color="crimson", label=f"threshold {thresholds[j]:.3g}")
-            ax.legend(loc="lower right", fontsize="small")
-        ax.set_title(label, fontsize="medium")
-        for text in ax.get_legend().get_texts():
-            text.set_fontsize("small")
-    return save_figure(fig, path, dpi=_DPI)
+
+    def mark_threshold(ax: Axes, j: int, y: np.ndarray, p: np.ndarray) -> None:
+        fpr, tpr, cut = roc_curve(y, p, drop_intermediate=False)
+        i = int(np.flatnonzero(cut >= thresholds[j])[-1])
+        ax.plot(fpr[i], tpr[i], "o", color="crimson", label=f"threshold {thresholds[j]:.3g}")
+        ax.legend(loc="lower right", fontsize="small")
+
+    return _plot_curves(
+        targets, probs, path, task=task, label_names=label_names, display=RocCurveDisplay,
+        xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", decorate=mark_threshold if thresholds else None,
+    )  # fmt: skip
 
 
 def plot_pr_curves(
@@ -238,14 +261,7 @@ def plot_pr_curves(
     Returns:
         ``path``.
     """
-    fig, panels = _curve_panels(targets, probs, task=task, label_names=label_names)
-    for ax, label, y, p in panels:
-        if y.min() == y.max():
-            _undefined(ax, label, y)
-            continue
-        PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name=label, plot_chance_level=True)
-        ax.set(xlabel="recall (sensitivity)", ylabel="precision")
-        ax.set_title(label, fontsize="medium")
-        for text in ax.get_legend().get_texts():
-            text.set_fontsize("small")
-    return save_figure(fig, path, dpi=_DPI)
+    return _plot_curves(
+        targets, probs, path, task=task, label_names=label_names, display=PrecisionRecallDisplay,
+        xlabel="recall (sensitivity)", ylabel="precision",
+    )  # fmt: skip

@@ -43,22 +43,19 @@ from torch.utils.checkpoint import checkpoint
 
 from qing.layers import NORM_PLACEMENTS, POS_EMBED_TYPES, EncoderBlock, LearnedPosEmbed, SinCosPosEmbed
 from qing.layers.encoder import LayerNorm
-from qing.weights.chexnet import CHEXNET_FILE, CHEXNET_URL
-from qing.weights.filters import convert_for_hybrid
-from qing.weights.pretrained import build_model_with_weights
-from qing.weights.xrv import XRV_MEAN, XRV_STD, XRV_WEIGHTS
+from qing.models._builder import build_model_with_weights, check_model_kwargs
+from qing.weights import (
+    CHEXNET_FILE,
+    CXR14_LABELS,
+    ORIGINAL_PREPROCESSING,
+    XRV_MEAN,
+    XRV_STD,
+    XRV_WEIGHTS,
+    convert_for_hybrid,
+)
+from qing.weights.chexnet import CHEXNET_URL
 
-__all__ = ["CXR14_LABELS", "GLOBAL_POOL_TYPES", "ORIGINAL_MEAN", "ORIGINAL_STD", "CNNTransformer"]
-
-#: ChestX-ray14 labels in the CheXNet order.
-CXR14_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)  # fmt: skip
-
-#: Normalization of the original design: the ImageNet red-channel statistics on all three channels.
-ORIGINAL_MEAN = (0.485, 0.485, 0.485)
-ORIGINAL_STD = (0.229, 0.229, 0.229)
+__all__ = ["GLOBAL_POOL_TYPES", "CNNTransformer"]
 
 #: ``global_pool`` values: what ``forward_head`` reads from the tokens.
 GLOBAL_POOL_TYPES = ("token_avg", "token", "avg", "")
@@ -545,34 +542,14 @@ class CNNTransformer(nn.Module):
 # ---- registry -----------------------------------------------------------------------------------
 
 
-_BUILD_ARGS = {
-    "features_only",
-    "out_indices",
-    "feature_cls",
-    "pretrained_cfg",
-    "pretrained_cfg_overlay",
-    "pretrained_strict",
-    "cache_dir",
-    "pretrained_model_args",
-    "pruned",
-}
-
-
-def _check_kwargs(variant: str, kwargs: dict[str, Any]) -> None:
-    accepted = set(inspect.signature(CNNTransformer).parameters)
-    unknown = sorted(set(kwargs) - accepted - _BUILD_ARGS)
-    if unknown:
-        raise TypeError(f"{variant}: unknown argument(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
+def _create_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """Build a registered hybrid; ``pretrained=True`` goes through qing's checked loader.
 
-    See :mod:`qing.weights.pretrained`: weights are found (file, qing weights directory,
+    See :func:`qing.models.build_model_with_weights`: weights are found (file, qing weights directory,
     Hugging Face cache), converted from their format (CheXNet, torchxrayvision, timm backbone,
     the original hybrid, qing) and verified after loading.
     """
-    _check_kwargs(variant, kwargs)
+    check_model_kwargs(CNNTransformer, variant, kwargs)
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     kwargs.setdefault("img_size", tuple(cfg.input_size[-2:]))  # learned position grid follows the weights
     return build_model_with_weights(
@@ -594,8 +571,8 @@ def _cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
         "crop_pct": 1.0,
         "crop_mode": "squash",
         "interpolation": "bilinear",
-        "mean": ORIGINAL_MEAN,
-        "std": ORIGINAL_STD,
+        "mean": ORIGINAL_PREPROCESSING["mean"],
+        "std": ORIGINAL_PREPROCESSING["std"],
         "first_conv": f"backbone.{first_conv}",
         "classifier": "head",
         "license": "apache-2.0",
@@ -697,39 +674,39 @@ _DENSENET = dict(backbone="densenet121", backbone_final_act=False)
 def qing_densenet121_tr2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """The original hybrid: DenseNet121 (no final ReLU), 512-d, 8 heads, MLP 1024, 2 post-norm blocks."""
     args = dict(_DENSENET, embed_dim=512, depth=2, num_heads=8, mlp_dim=1024, drop_rate=0.2)
-    return _create("qing_densenet121_tr2", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_hybrid("qing_densenet121_tr2", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def qing_densenet121_tr4(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """DenseNet121 with four post-norm blocks (512-d, 8 heads, MLP 1024)."""
     args = dict(_DENSENET, embed_dim=512, depth=4, num_heads=8, mlp_dim=1024, drop_rate=0.2)
-    return _create("qing_densenet121_tr4", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_hybrid("qing_densenet121_tr4", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def qing_resnet50_tr2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """ResNet-50 tokens (2048-d), two post-norm blocks (512-d, 8 heads, MLP 1024)."""
     args = dict(backbone="resnet50", embed_dim=512, depth=2, num_heads=8, mlp_dim=1024, drop_rate=0.2)
-    return _create("qing_resnet50_tr2", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_hybrid("qing_resnet50_tr2", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def qing_convnext_tiny_tr2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """ConvNeXt-Tiny tokens (768-d), two post-norm blocks (512-d, 8 heads, MLP 1024)."""
     args = dict(backbone="convnext_tiny", embed_dim=512, depth=2, num_heads=8, mlp_dim=1024, drop_rate=0.2)
-    return _create("qing_convnext_tiny_tr2", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_hybrid("qing_convnext_tiny_tr2", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def qing_efficientnet_b0_tr2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """EfficientNet-B0 tokens (1280-d), two post-norm blocks (512-d, 8 heads, MLP 1024)."""
     args = dict(backbone="efficientnet_b0", embed_dim=512, depth=2, num_heads=8, mlp_dim=1024, drop_rate=0.2)
-    return _create("qing_efficientnet_b0_tr2", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_hybrid("qing_efficientnet_b0_tr2", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def qing_test_tr1(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """Tiny model for tests: timm's ``test_resnet`` backbone, one 64-d block."""
     args = dict(backbone="test_resnet", embed_dim=64, depth=1, num_heads=4, mlp_dim=128, drop_rate=0.1)
-    return _create("qing_test_tr1", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_hybrid("qing_test_tr1", pretrained=pretrained, **dict(args, **kwargs))

@@ -11,7 +11,7 @@ DataParallel-wrapped ``DenseNet121`` module::
 
 It predates PyTorch 0.4, so there are no ``num_batches_tracked`` buffers (accepted if present).
 It was trained on ChestX-ray14 with ImageNet normalization, 224 px inputs, and predicts the 14
-labels of :data:`CHEXNET_LABELS` through a sigmoid (qing returns the logits before it).
+labels of :data:`CXR14_LABELS` through a sigmoid (qing returns the logits before it).
 
 Where qing finds the file: it cannot be downloaded automatically. Put it at
 ``$QING_WEIGHTS_DIR/chexnet/model.pth.tar`` (default ``~/.cache/qing/weights/chexnet/model.pth.tar``),
@@ -25,18 +25,18 @@ from collections.abc import Mapping
 import torch
 
 from qing.weights.densenet_layout import densenet_summary, normalize_densenet_keys
-from qing.weights.files import CheckpointError
+from qing.weights.files import CheckpointError, strip_prefixes
 
 __all__ = [
     "CHEXNET_FILE",
-    "CHEXNET_LABELS",
     "CHEXNET_URL",
+    "CXR14_LABELS",
     "convert_chexnet",
     "is_chexnet",
 ]
 
-#: ChestX-ray14 labels in CheXNet's output order.
-CHEXNET_LABELS = (
+#: The 14 ChestX-ray14 findings in the order of the dataset's list files and of CheXNet's outputs.
+CXR14_LABELS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )  # fmt: skip
@@ -50,7 +50,7 @@ CHEXNET_URL = "https://github.com/arnoweng/CheXNet"
 
 def is_chexnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether ``state_dict`` has CheXNet's layout: a ``densenet121.`` module with a ``classifier.0`` head."""
-    keys = [k.removeprefix("module.") for k in state_dict]
+    keys = list(strip_prefixes(state_dict))
     return any(k.startswith("densenet121.features.") for k in keys) and "densenet121.classifier.0.weight" in keys
 
 

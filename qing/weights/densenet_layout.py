@@ -17,25 +17,16 @@ from collections.abc import Mapping
 
 import torch
 
-from qing.weights.files import CheckpointError
+from qing.weights.files import WRAPPER_PREFIXES, CheckpointError, strip_prefixes
 
 __all__ = ["DENSENET121_BLOCKS", "densenet_summary", "is_densenet121", "normalize_densenet_keys"]
 
 #: Dense layers per block of DenseNet121.
 DENSENET121_BLOCKS = (6, 12, 24, 16)
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "densenet121.")
+#: Prefixes stripped from DenseNet keys: the wrappers' and the ``densenet121.``/``model.`` attributes of CXR code.
+DENSENET_PREFIXES = (*WRAPPER_PREFIXES, "model.", "densenet121.")
 _LEGACY_LAYER = re.compile(r"^(features\.denseblock\d+\.denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
 
 
 def normalize_densenet_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -53,9 +44,8 @@ def normalize_densenet_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
         A new dict; tensors are shared, not copied.
     """
     out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new = _strip_prefixes(key)
-        new = _LEGACY_LAYER.sub(r"\1\2.", new)
+    for key, value in strip_prefixes(state_dict, DENSENET_PREFIXES).items():
+        new = _LEGACY_LAYER.sub(r"\1\2.", key)
         if new.startswith("classifier.0."):
             new = "classifier." + new.removeprefix("classifier.0.")
         if new in out:

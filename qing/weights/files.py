@@ -6,7 +6,7 @@ other Python objects (a pickled ``nn.Module``, a custom class) is refused with
 :class:`UnsafeCheckpointError` unless the caller opts in with ``trust_pickle=True`` or the
 environment variable ``QING_TRUST_PICKLE=1``. Unpickling such a file can run arbitrary code:
 opt in only for files from a source you trust, and re-save them as safetensors
-(:func:`qing.weights.load_checkpoint_file` + ``qing.save_pretrained``) so nobody has to again.
+(:func:`qing.convert.load_checkpoint_file` + ``qing.save_pretrained``) so nobody has to again.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from torch import nn
 
 __all__ = [
     "TRUST_PICKLE_ENV",
+    "WRAPPER_PREFIXES",
     "CheckpointError",
     "UnsafeCheckpointError",
     "read_checkpoint",
     "read_state_dict",
+    "strip_prefixes",
     "trust_pickle_enabled",
     "unwrap_state_dict",
 ]
@@ -39,6 +41,9 @@ TRUST_PICKLE_ENV = "QING_TRUST_PICKLE"
 
 #: Keys under which training scripts nest the model weights, most specific first.
 STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "model_state_dict", "state_dict", "model", "net", "weights")
+
+#: Key prefixes added by model wrappers: ``DataParallel``/``DistributedDataParallel`` and ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 _GLOBAL_NAME = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -193,6 +198,30 @@ def unwrap_state_dict(checkpoint: Any, *, source: Union[str, Path] = "checkpoint
             f"(looked for a state dict at the top level and under {', '.join(STATE_DICT_KEYS)})"
         )
     raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not model weights (a dict of tensors)")
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, Any]:
+    """The state dict with leading ``prefixes`` removed from every key, repeatedly (``module._orig_mod.x`` -> ``x``).
+
+    Args:
+        state_dict: Weights whose keys may start with wrapper prefixes.
+        prefixes: Prefixes to remove; default :data:`WRAPPER_PREFIXES`.
+
+    Returns:
+        A new dict (tensors shared, not copied).
+
+    Raises:
+        CheckpointError: Two keys become the same after stripping.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key
+        while new.startswith(prefixes):
+            new = new[len(next(p for p in prefixes if new.startswith(p))) :]
+        if new in out:
+            raise CheckpointError(f"two tensors map to {new!r} after removing wrapper prefixes (one is {key!r})")
+        out[new] = value
+    return out
 
 
 def read_state_dict(path: Union[str, Path], *, trust_pickle: Optional[bool] = None) -> dict[str, torch.Tensor]:

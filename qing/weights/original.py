@@ -9,7 +9,7 @@ buffer, sequence-first ``nn.MultiheadAttention`` weights and a ``classifier.{0,3
 Migrating a trained model (the original script saved ``torch.save(model.state_dict(), path)``)::
 
     import qing
-    from qing.weights import load_original_hybrid_file
+    from qing.convert import load_original_hybrid_file
 
     converted = load_original_hybrid_file("best_model.pth")  # label_names=["PNEUMONIA"] by default
     model = converted.create_model().eval()   # qing_densenet121_tr2, the original preprocessing
@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from qing.layers.pos_embed import sincos_table
+from qing.weights.files import strip_prefixes
 
 __all__ = [
     "ORIGINAL_LABEL_NAMES",
@@ -95,7 +96,7 @@ def convert_original_hybrid(state_dict: Mapping[str, torch.Tensor]) -> tuple[dic
     """Map an original-hybrid state dict to ``qing_densenet121_tr2`` keys.
 
     Args:
-        state_dict: The original module's ``state_dict()`` (a ``module.`` prefix is removed).
+        state_dict: The original module's ``state_dict()`` (``module.``/``_orig_mod.`` prefixes are removed).
 
     Returns:
         ``(qing_state_dict, model_kwargs)``: kwargs (``num_classes``, ``embed_dim``, ``depth``,
@@ -106,7 +107,7 @@ def convert_original_hybrid(state_dict: Mapping[str, torch.Tensor]) -> tuple[dic
         ValueError: Keys of another layout, a missing tensor, or a position buffer that is not the
             standard sinusoidal table (the conversion would change predictions).
     """
-    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    sd = strip_prefixes(state_dict)
     if not is_original_hybrid(sd):
         raise ValueError(
             "not an original-hybrid checkpoint: expected keys class_token, feature_projection.0.weight "

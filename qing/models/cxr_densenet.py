@@ -15,7 +15,7 @@ registers them with CXR pretrained cfgs and converts the original checkpoints on
   are empty where a weight set was not trained, and the weights' operating points as
   ``model.qing_meta.thresholds``. Tags ``all``, ``nih``, ``pc``, ``chex``, ``rsna``,
   ``mimic_nb``, ``mimic_ch``; the release files are pickled modules, so they need
-  ``QING_TRUST_PICKLE=1`` once (or convert them with :func:`qing.weights.load_checkpoint_file`).
+  ``QING_TRUST_PICKLE=1`` once (or convert them with :func:`qing.convert.load_checkpoint_file`).
 
 Example:
     >>> import qing
@@ -32,14 +32,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from timm.models.densenet import DenseNet
 
-from qing.weights.chexnet import CHEXNET_FILE, CHEXNET_LABELS, CHEXNET_URL
-from qing.weights.filters import convert_for_densenet
-from qing.weights.pretrained import build_model_with_weights
-from qing.weights.xrv import XRV_MEAN, XRV_STD, XRV_WEIGHTS, thresholds_from_op_threshs
+from qing.models._builder import build_model_with_weights
+from qing.weights import CHEXNET_FILE, CXR14_LABELS, XRV_MEAN, XRV_STD, XRV_WEIGHTS, convert_for_densenet
+from qing.weights.chexnet import CHEXNET_URL
+from qing.weights.densenet_layout import DENSENET121_BLOCKS
+from qing.weights.xrv import thresholds_from_op_threshs
 
 __all__ = ["XRV_TAG_THRESHOLDS"]
 
-_DENSENET121 = dict(growth_rate=32, block_config=(6, 12, 24, 16))
+_DENSENET121 = dict(growth_rate=32, block_config=DENSENET121_BLOCKS)
 
 #: Operating points of each ``qing_xrv_densenet121`` tag, as probability thresholds.
 XRV_TAG_THRESHOLDS = {tag: thresholds_from_op_threshs(w.op_threshs) for tag, w in XRV_WEIGHTS.items()}
@@ -85,8 +86,8 @@ default_cfgs = generate_default_cfgs({
         std=IMAGENET_DEFAULT_STD,
         crop_pct=0.875,
         crop_mode="center",
-        num_classes=len(CHEXNET_LABELS),
-        label_names=CHEXNET_LABELS,
+        num_classes=len(CXR14_LABELS),
+        label_names=CXR14_LABELS,
         license="unknown",
         origin_url=CHEXNET_URL,
         paper_ids="arXiv:1711.05225",
@@ -100,7 +101,7 @@ default_cfgs = generate_default_cfgs({
 })  # fmt: skip
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> DenseNet:
+def _create_densenet(variant: str, pretrained: bool, **kwargs: Any) -> DenseNet:
     return build_model_with_weights(
         DenseNet,
         variant,
@@ -116,10 +117,10 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> DenseNet:
 @register_model
 def qing_chexnet_densenet121(pretrained: bool = False, **kwargs: Any) -> DenseNet:
     """CheXNet: DenseNet121 with 14 ChestX-ray14 outputs (logits), ImageNet-normalized RGB input."""
-    return _create("qing_chexnet_densenet121", pretrained, **dict(_DENSENET121, **kwargs))
+    return _create_densenet("qing_chexnet_densenet121", pretrained, **dict(_DENSENET121, **kwargs))
 
 
 @register_model
 def qing_xrv_densenet121(pretrained: bool = False, **kwargs: Any) -> DenseNet:
     """torchxrayvision DenseNet121: 1-channel input in [-1024, 1024], 18 outputs (logits), op_threshs as thresholds."""
-    return _create("qing_xrv_densenet121", pretrained, **dict(_DENSENET121, **kwargs))
+    return _create_densenet("qing_xrv_densenet121", pretrained, **dict(_DENSENET121, **kwargs))

@@ -1,278 +1,64 @@
-"""``pretrained=True`` for qing models: find the weights, convert them, load them, check they loaded.
+"""qing's model builder: timm's ``build_model_with_cfg`` with weights that are found, converted and checked.
 
-Every qing entrypoint builds through :func:`build_model_with_weights`, a wrapper around timm's
-``build_model_with_cfg``. With ``pretrained=True`` it
+Every qing entrypoint builds through :func:`build_model_with_weights`. With ``pretrained=True`` it
 
-1. finds the weights of the pretrained cfg (tag) and fails with :class:`WeightsNotFoundError`
-   naming every place it looked and the three ways to supply them;
+1. finds the weights of the pretrained cfg (tag) with :func:`qing.weights.locate_weights`, which
+   fails with :class:`~qing.weights.WeightsNotFoundError` naming every place it looked and the
+   ways to supply them;
 2. reads local files itself (safetensors or ``torch.load(weights_only=True)``, see
    :func:`qing.weights.read_checkpoint`) and lets timm download Hub weights;
 3. converts whatever format arrives in timm's ``pretrained_filter_fn`` (CheXNet, torchxrayvision,
-   the original hybrid, a timm/torchvision backbone, qing's own), fills the tensors a
-   backbone-only checkpoint does not have from the fresh initialization so timm's strict load
-   passes, and replaces a classifier whose class count differs (a warning lists the dropped keys);
+   the original hybrid, a timm/torchvision backbone, qing's own; see :mod:`qing.weights.formats`),
+   fills the tensors a backbone-only checkpoint does not have from the fresh initialization so
+   timm's strict load passes, and replaces a classifier whose class count differs (a warning
+   lists the dropped keys);
 4. compares every tensor it meant to load with the model afterwards and raises if any is
    missing: never a silent random initialization.
 
-Where weights are looked for, in order:
-
-- ``pretrained_cfg["file"]``: an absolute path, or a path relative to the current directory and
-  then to the **qing weights directory** ``$QING_WEIGHTS_DIR`` (default ``~/.cache/qing/weights``).
-  CheXNet is expected at ``<weights dir>/chexnet/model.pth.tar``; torchxrayvision files at
-  ``<weights dir>/xrv/<release file name>`` or in ``~/.torchxrayvision/models_data/``.
-- ``pretrained_cfg["hf_hub_id"]``: first ``<weights dir>/<repo id>/model.safetensors`` (or
-  ``pytorch_model.bin``), then the Hugging Face cache (``cache_dir`` or ``$HF_HUB_CACHE``),
-  downloading unless ``HF_HUB_OFFLINE=1``.
-- Any tag's weights can be replaced with ``pretrained_cfg_overlay=dict(file="/path/to/weights")``.
+The result is described by a :class:`LoadReport` on ``model.qing_load_report``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
-import os
 import urllib.error
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
-import timm
 import torch
+from huggingface_hub import errors
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
 from qing.meta import set_meta
-from qing.weights.files import CheckpointError, read_checkpoint, unwrap_state_dict
+from qing.weights import (
+    CheckpointError,
+    Conversion,
+    Converter,
+    convert_for_densenet,
+    convert_for_hybrid,
+    locate_weights,
+    not_found_error,
+    read_checkpoint,
+    summarize_keys,
+    unwrap_state_dict,
+    weights_name,
+)
 from qing.weights.original import ORIGINAL_PREPROCESSING
 
 __all__ = [
-    "WEIGHTS_DIR_ENV",
     "CheckpointFilter",
-    "Conversion",
     "LoadReport",
-    "WeightsNotFoundError",
     "build_model_with_weights",
-    "hub_cached",
-    "locate_weights",
-    "weights_dir",
+    "check_model_kwargs",
+    "checkpoint_filter_fn",
+    "pretrained_cfg_dict",
 ]
 
 _logger = logging.getLogger(__name__)
-
-#: Environment variable naming the qing weights directory.
-WEIGHTS_DIR_ENV = "QING_WEIGHTS_DIR"
-_DEFAULT_WEIGHTS_DIR = "~/.cache/qing/weights"
-_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """``pretrained=True`` but the weights are not available; the message says where qing looked."""
-
-
-def weights_dir() -> Path:
-    """The qing weights directory: ``$QING_WEIGHTS_DIR``, default ``~/.cache/qing/weights``.
-
-    It holds weights that cannot be (or should not be) downloaded: ``chexnet/model.pth.tar``,
-    ``xrv/<torchxrayvision release file>``, and local copies of Hub weights as
-    ``<repo id>/model.safetensors`` (e.g. ``timm/densenet121.tv_in1k/model.safetensors``).
-    """
-    return Path(os.environ.get(WEIGHTS_DIR_ENV) or _DEFAULT_WEIGHTS_DIR).expanduser()
-
-
-# ---- locating weights --------------------------------------------------------------------------
-
-
-@dataclass
-class _Source:
-    kind: str  # "state_dict" | "file" | "hf-hub" | "local-dir" | "url"
-    location: str = ""
-
-
-def _weights_name(cfg: PretrainedCfg, variant: str) -> str:
-    arch = cfg.architecture or variant
-    return f"{arch}.{cfg.tag}" if cfg.tag else arch
-
-
-def _foreign_cache_candidates(relative: Path) -> list[Path]:
-    """Other libraries' caches that hold the same file (torchxrayvision's)."""
-    if relative.parts and relative.parts[0] == "xrv":
-        from qing.weights.xrv import XRV_CACHE_DIR
-
-        return [XRV_CACHE_DIR / relative.name]
-    return []
-
-
-def _file_candidates(file: str) -> list[Path]:
-    path = Path(file).expanduser()
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [Path.cwd() / path, weights_dir() / path, *_foreign_cache_candidates(path)]
-    return [c / "model.safetensors" if c.is_dir() else c for c in candidates]  # a saved qing model folder
-
-
-def _hub_filenames(cfg: PretrainedCfg) -> tuple[str, ...]:
-    return (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HUB_FILES
-
-
-def _split_revision(hf_hub_id: str) -> tuple[str, Optional[str]]:
-    repo, _, revision = hf_hub_id.partition("@")
-    return repo, revision or None
-
-
-def _hub_cache_dir(cache_dir: Optional[Union[str, Path]]) -> Path:
-    from huggingface_hub import constants
-
-    return Path(cache_dir or constants.HF_HUB_CACHE)
-
-
-def hub_cached(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> bool:
-    """Whether the Hub weights of ``cfg`` are in the Hugging Face cache (no network access).
-
-    Args:
-        cfg: A pretrained cfg with ``hf_hub_id`` (``repo`` or ``repo@revision``).
-        cache_dir: Cache to look in; ``None`` is huggingface_hub's default cache.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    repo, revision = _split_revision(cfg.hf_hub_id)
-    for filename in _hub_filenames(cfg):
-        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
-        if isinstance(found, str):
-            return True
-    return False
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _not_found(
-    name: str, cfg: PretrainedCfg, looked: Sequence[str], cache_dir: Optional[Union[str, Path]], reason: str = ""
-) -> WeightsNotFoundError:
-    """The error for missing weights: where qing looked and the three ways to supply them."""
-    lines = [f"pretrained weights for {name} not found{f' ({reason})' if reason else ''}. Looked in:"]
-    lines += [f"  - {place}" for place in looked]
-    lines.append("Supply them in one of three ways:")
-    if cfg.hf_hub_id:
-        repo, revision = _split_revision(cfg.hf_hub_id)
-        filename = _hub_filenames(cfg)[0]
-        extra = (f" --revision {revision}" if revision else "") + (f" --cache-dir {cache_dir}" if cache_dir else "")
-        lines.append(
-            f"  1. the Hugging Face cache: run `hf download {repo} {filename}{extra}` "
-            f"(or `huggingface-cli download {repo} {filename}{extra}`) while online; it then loads offline too"
-        )
-        local_name = f"{repo}/{filename}"
-    else:
-        origin = f"; get the file from {cfg.origin_url}" if cfg.origin_url else ""
-        lines.append(f"  1. the Hugging Face cache: not available, these weights are not on the Hub{origin}")
-        local_name = str(cfg.file) if cfg.file and not Path(cfg.file).is_absolute() else f"{name}/model.safetensors"
-    lines.append(
-        f'  2. a file: qing.create_model("{name}", pretrained=True, '
-        f'pretrained_cfg_overlay=dict(file="/path/to/{Path(local_name).name}"))'
-    )
-    lines.append(
-        f"  3. the qing weights directory: put the file at {weights_dir() / local_name} "
-        f"(set the environment variable {WEIGHTS_DIR_ENV} to use another directory than {weights_dir()})"
-    )
-    return WeightsNotFoundError("\n".join(lines))
-
-
-def locate_weights(
-    cfg: PretrainedCfg,
-    *,
-    variant: str = "",
-    cache_dir: Optional[Union[str, Path]] = None,
-    explicit_file: bool = False,
-) -> tuple[str, str]:
-    """Where the weights of a pretrained cfg are, without loading them.
-
-    Args:
-        cfg: The resolved pretrained cfg (tag plus overlay).
-        variant: Architecture name, for messages when ``cfg.architecture`` is unset.
-        cache_dir: Hugging Face cache directory (default ``$HF_HUB_CACHE``).
-        explicit_file: ``cfg.file`` was given by the caller (``pretrained_cfg_overlay``): if it is
-            missing, fail instead of falling back to the tag's Hub repo.
-
-    Returns:
-        ``(kind, location)``: ``("file", path)``, ``("hf-hub", repo id)``, ``("local-dir", path)``,
-        ``("url", url)`` or ``("state_dict", "")``.
-
-    Raises:
-        WeightsNotFoundError: Nothing found; the message lists the places looked and the three
-            ways to supply the weights (Hugging Face cache, ``pretrained_cfg_overlay=dict(file=...)``,
-            the qing weights directory ``$QING_WEIGHTS_DIR``).
-    """
-    name = _weights_name(cfg, variant)
-    if cfg.state_dict:
-        return "state_dict", str(cfg.file or "")
-    if cfg.source == "local-dir":
-        if cfg.file and Path(cfg.file).is_dir():
-            return "local-dir", str(cfg.file)
-        raise _not_found(name, cfg, [f"{cfg.file} (local-dir: not a directory)"], cache_dir)
-    looked: list[str] = []
-    if cfg.file:
-        candidates = _file_candidates(str(cfg.file))
-        for path in candidates:
-            if path.is_file():
-                return "file", str(path)
-        looked += [str(p) for p in candidates]
-        if explicit_file:
-            raise _not_found(name, cfg, looked, cache_dir)
-    if cfg.hf_hub_id:
-        repo, _ = _split_revision(cfg.hf_hub_id)
-        if cfg.source != "hf-hub":  # registry tags: a local copy in the qing weights directory wins
-            for filename in _hub_filenames(cfg):
-                path = weights_dir() / repo / filename
-                if path.is_file():
-                    return "file", str(path)
-                looked.append(str(path))
-        looked.append(f"the Hugging Face cache {_hub_cache_dir(cache_dir)} ({repo}: {', '.join(_hub_filenames(cfg))})")
-        if cfg.source == "hf-hub" or not _hub_offline() or hub_cached(cfg, cache_dir):
-            return "hf-hub", cfg.hf_hub_id  # "hf-hub:" model names: qing.hub explains their errors
-        raise _not_found(name, cfg, looked, cache_dir, reason="Hugging Face offline mode is on: HF_HUB_OFFLINE=1")
-    if cfg.url:
-        return "url", str(cfg.url)
-    if looked:
-        raise _not_found(name, cfg, looked, cache_dir)
-    arch = cfg.architecture or variant
-    tags = timm.list_pretrained(f"{arch}.*")
-    raise WeightsNotFoundError(
-        f"{name} has no pretrained weights of its own; choose a tag with weights"
-        + (f" ({', '.join(tags)})" if tags else "")
-        + ' or pass a file: pretrained_cfg_overlay=dict(file="/path/to/weights"). '
-        "Use pretrained=False for random init."
-    )
-
-
-# ---- converting and checking -------------------------------------------------------------------
-
-
-@dataclass
-class Conversion:
-    """What a model family's converter made of a checkpoint.
-
-    Attributes:
-        state_dict: Tensors under the model's key names.
-        format: Detected format, e.g. ``"chexnet"``, ``"xrv_densenet"``, ``"original_hybrid"``, ``"qing"``.
-        required_prefix: ``""`` when the checkpoint is a whole model (every key must be present);
-            ``"backbone."`` when it only covers the backbone (the rest keeps its initialization).
-        unused: Checkpoint keys with no place in the model (e.g. a backbone's ImageNet classifier).
-        thresholds: Decision thresholds carried by the checkpoint (torchxrayvision ``op_threshs``).
-    """
-
-    state_dict: dict[str, torch.Tensor]
-    format: str
-    required_prefix: str = ""
-    unused: list[str] = field(default_factory=list)
-    thresholds: Optional[list[float]] = None
-
-
-#: ``converter(state_dict, model) -> Conversion``
-Converter = Callable[[Mapping[str, torch.Tensor], nn.Module], Conversion]
 
 
 @dataclass
@@ -300,16 +86,6 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
     thresholds: Optional[list[float]] = None
-
-
-def summarize_keys(keys: Sequence[str], *, limit: int = 8) -> str:
-    """``"blocks.* (24), cls_token, head.* (2)"``: keys grouped by their first component."""
-    groups: dict[str, int] = {}
-    for key in keys:
-        group = key.split(".", 1)[0] + ".*" if "." in key else key
-        groups[group] = groups.get(group, 0) + 1
-    parts = [f"{g} ({n})" if n > 1 else g for g, n in groups.items()]
-    return ", ".join(parts[:limit]) + (f", ... ({len(parts) - limit} more groups)" if len(parts) > limit else "")
 
 
 def _classifier_keys(model: nn.Module, target: Mapping[str, torch.Tensor]) -> list[str]:
@@ -458,8 +234,6 @@ class CheckpointFilter:
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub import errors
-
     return (
         errors.LocalEntryNotFoundError,
         errors.EntryNotFoundError,
@@ -533,7 +307,7 @@ def build_model_with_weights(
         )  # fmt: skip
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
-    name = _weights_name(cfg, variant)
+    name = weights_name(cfg, variant)
     cache_dir = kwargs.get("cache_dir")
     kind, location = locate_weights(cfg, variant=variant, cache_dir=cache_dir, explicit_file=bool(overlay.get("file")))
     weights: Optional[Mapping[str, torch.Tensor]] = None
@@ -564,7 +338,7 @@ def build_model_with_weights(
         if cfg.source == "hf-hub":
             raise
         looked = [f"{source}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]
-        raise _not_found(name, cfg, looked, cache_dir) from err
+        raise not_found_error(name, cfg, looked, cache_dir) from err
     report = filt.verify()
     model.pretrained_cfg.pop("state_dict", None)
     if report.format == "original_hybrid":
@@ -606,3 +380,45 @@ def pretrained_cfg_dict(cfg: Union[PretrainedCfg, Mapping[str, Any]]) -> dict[st
     if isinstance(cfg, PretrainedCfg):
         cfg = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     return {k: v for k, v in cfg.items() if v is not None and k != "state_dict"}
+
+
+def check_model_kwargs(model_cls: Callable[..., nn.Module], variant: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming the accepted arguments when ``kwargs`` holds one neither the model nor timm takes.
+
+    Accepted: the parameters of ``model_cls`` and those timm's ``build_model_with_cfg`` reads
+    (its own parameters and the feature-extraction keywords it takes out of ``**kwargs``).
+    """
+    accepted = set(inspect.signature(model_cls).parameters)
+    unknown = sorted(set(kwargs) - accepted - _TIMM_BUILD_ARGS)
+    if unknown:
+        raise TypeError(f"{variant}: unknown argument(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
+
+
+# timm's builder: its parameters, plus the keywords it pops from **kwargs (features_only, out_indices,
+# feature_cls: feature extraction; pruned: pruned variants). Read from timm, so a new timm argument passes.
+_TIMM_BUILD_ARGS = frozenset(inspect.signature(build_model_with_cfg).parameters) - {"kwargs", "model_cls"} | {
+    "features_only",
+    "out_indices",
+    "feature_cls",
+    "pruned",
+}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm-style filter: convert ``state_dict`` for ``model`` and complete it for a strict load.
+
+    Picks :func:`~qing.weights.convert_for_hybrid` for qing hybrids (models with a ``backbone``) and
+    :func:`~qing.weights.convert_for_densenet` otherwise; keys the checkpoint lacks (a backbone-only
+    checkpoint's encoder and head, a replaced classifier) are filled from ``model``'s current
+    tensors, so ``model.load_state_dict(checkpoint_filter_fn(sd, model))`` loads strictly.
+
+    Args:
+        state_dict: Checkpoint weights in any format of :data:`qing.weights.FORMATS` (or a timm backbone's).
+        model: The target model; it needs ``pretrained_cfg`` (every qing model has it).
+
+    Returns:
+        A complete state dict for ``model``.
+    """
+    convert = convert_for_hybrid if hasattr(model, "backbone") else convert_for_densenet
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    return CheckpointFilter(name, "checkpoint", convert)(state_dict, model)

@@ -7,8 +7,8 @@ names, the ``qing.create_model`` arguments and a pretrained cfg recording the pr
 label names the weights expect. One call then builds the model, and ``qing.save_pretrained``
 writes it as safetensors + JSON::
 
-    from qing.weights import load_checkpoint_file
     import qing
+    from qing.convert import load_checkpoint_file
 
     converted = load_checkpoint_file("model.pth.tar")        # -> format "chexnet"
     model = converted.create_model().eval()                   # qing_chexnet_densenet121, weights checked
@@ -28,17 +28,29 @@ from typing import Any, Optional, Union
 
 import timm
 import torch
+from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
+from qing._factory import create_model
 from qing.meta import ModelMeta, set_meta
-from qing.weights.chexnet import CHEXNET_LABELS, convert_chexnet
+from qing.models import CheckpointFilter, pretrained_cfg_dict
+from qing.weights import (
+    CXR14_LABELS,
+    FORMATS,
+    XRV_PATHOLOGIES,
+    CheckpointError,
+    convert_chexnet,
+    convert_for_densenet,
+    convert_for_hybrid,
+    convert_original_hybrid,
+    convert_xrv_densenet,
+    detect_format,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 from qing.weights.densenet_layout import densenet_summary, normalize_densenet_keys
-from qing.weights.files import CheckpointError, read_checkpoint, unwrap_state_dict
-from qing.weights.filters import FORMATS, convert_for_densenet, convert_for_hybrid, detect_format
-from qing.weights.original import convert_original_hybrid, original_label_names
-from qing.weights.pretrained import CheckpointFilter, pretrained_cfg_dict
-from qing.weights.xrv import XRV_PATHOLOGIES, convert_xrv_densenet
+from qing.weights.original import original_label_names
 
 __all__ = [
     "ConvertedCheckpoint",
@@ -101,8 +113,6 @@ class ConvertedCheckpoint:
         Returns:
             The model in train mode, with ``pretrained_cfg`` and ``qing_meta`` set.
         """
-        from qing._factory import create_model
-
         cfg = dict(self.pretrained_cfg, state_dict=self.state_dict)
         model = create_model(self.model_name, pretrained=True, pretrained_cfg=cfg, **{**self.model_kwargs, **kwargs})
         model.qing_load_report.format = self.format  # the loader saw the converted layout
@@ -149,8 +159,6 @@ def _with_head(cfg: dict[str, Any], num_classes: int, labels: Optional[tuple[str
 
 def _check_fits(converted: ConvertedCheckpoint) -> None:
     """Build the target on the meta device and run the load checks: another architecture fails here."""
-    from qing._factory import create_model
-
     model = create_model(converted.model_name, device="meta", **converted.model_kwargs)
     convert = convert_for_hybrid if hasattr(model, "backbone") else convert_for_densenet
     CheckpointFilter(converted.model_name, converted.source, convert)(converted.state_dict, model)
@@ -158,7 +166,7 @@ def _check_fits(converted: ConvertedCheckpoint) -> None:
 
 def _qing_architecture(path: Path) -> Optional[str]:
     """The qing architecture in a ``config.json`` beside ``path`` (a saved qing model folder), if any."""
-    config_file = path.parent / "config.json"
+    config_file = path.parent / CONFIG_NAME
     if not config_file.is_file():
         return None
     try:
@@ -170,7 +178,7 @@ def _qing_architecture(path: Path) -> Optional[str]:
 
 def _convert_qing(path: Path, state_dict: dict[str, torch.Tensor], model_name: Optional[str]) -> ConvertedCheckpoint:
     folder = path if path.is_dir() else path.parent
-    config_file = folder / "config.json"
+    config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         if model_name is None:
             raise CheckpointError(
@@ -217,7 +225,7 @@ def _convert(
     prefix = "backbone." if hybrid else ""
     if fmt == "chexnet":
         sd = convert_chexnet(state_dict, prefix=prefix, classifier=not hybrid)
-        default_labels: tuple[str, ...] = CHEXNET_LABELS
+        default_labels: tuple[str, ...] = CXR14_LABELS
     elif fmt == "xrv_densenet":
         sd, thresholds = convert_xrv_densenet(state_dict, prefix=prefix, classifier=not hybrid)
         default_labels = extra_labels or XRV_PATHOLOGIES
@@ -284,9 +292,11 @@ def load_checkpoint_file(
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        weights = path / "model.safetensors"
+        weights = path / SAFETENSORS_SINGLE_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"{path} is a folder without model.safetensors; pass the checkpoint file itself")
+            raise FileNotFoundError(
+                f"{path} is a folder without {SAFETENSORS_SINGLE_FILE}; pass the checkpoint file itself"
+            )
         path = weights
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
     state_dict = unwrap_state_dict(raw, source=path)

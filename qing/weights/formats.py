@@ -1,27 +1,35 @@
-"""Format detection and the per-family converters used as timm ``pretrained_filter_fn``.
+"""Checkpoint formats: which layout a state dict has, and its tensors under a qing model's key names.
 
-:func:`detect_format` names the layout of a state dict; :func:`convert_for_hybrid` and
-:func:`convert_for_densenet` map any supported layout onto a CNN-Transformer hybrid or a plain
-DenseNet121 classifier. :func:`checkpoint_filter_fn` is the timm-style
-``filter_fn(state_dict, model) -> state_dict`` built on them (it also fills tensors a
-backbone-only checkpoint lacks from the model's initialization).
+:func:`detect_format` names the layout of a state dict (one of :data:`FORMATS`);
+:func:`convert_for_hybrid` and :func:`convert_for_densenet` map any supported layout onto a
+CNN-Transformer hybrid or a plain DenseNet121 classifier and say what they made of it in a
+:class:`Conversion`. The model builder (``qing.models``) runs them as timm's ``pretrained_filter_fn``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
 from qing.weights.chexnet import convert_chexnet, is_chexnet
 from qing.weights.densenet_layout import is_densenet121, normalize_densenet_keys
-from qing.weights.files import CheckpointError
+from qing.weights.files import CheckpointError, strip_prefixes
 from qing.weights.original import convert_original_hybrid, is_original_hybrid
-from qing.weights.pretrained import CheckpointFilter, Conversion
 from qing.weights.xrv import convert_xrv_densenet, is_xrv_densenet
 
-__all__ = ["FORMATS", "checkpoint_filter_fn", "convert_for_densenet", "convert_for_hybrid", "detect_format"]
+__all__ = [
+    "FORMATS",
+    "Conversion",
+    "Converter",
+    "convert_for_densenet",
+    "convert_for_hybrid",
+    "detect_format",
+    "summarize_keys",
+]
 
 #: Checkpoint formats qing recognizes, with what identifies them.
 FORMATS = {
@@ -32,16 +40,39 @@ FORMATS = {
     "densenet121": "a torchvision/timm DenseNet121 (features.*, classifier.*)",
 }
 
-_WRAPPERS = ("module.", "_orig_mod.")
+
+@dataclass
+class Conversion:
+    """What a model family's converter made of a checkpoint.
+
+    Attributes:
+        state_dict: Tensors under the model's key names.
+        format: Detected format, e.g. ``"chexnet"``, ``"xrv_densenet"``, ``"original_hybrid"``, ``"qing"``.
+        required_prefix: ``""`` when the checkpoint is a whole model (every key must be present);
+            ``"backbone."`` when it only covers the backbone (the rest keeps its initialization).
+        unused: Checkpoint keys with no place in the model (e.g. a backbone's ImageNet classifier).
+        thresholds: Decision thresholds carried by the checkpoint (torchxrayvision ``op_threshs``).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    required_prefix: str = ""
+    unused: list[str] = field(default_factory=list)
+    thresholds: Optional[list[float]] = None
 
 
-def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith(_WRAPPERS):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+#: ``converter(state_dict, model) -> Conversion``
+Converter = Callable[[Mapping[str, torch.Tensor], nn.Module], Conversion]
+
+
+def summarize_keys(keys: Sequence[str], *, limit: int = 8) -> str:
+    """``"blocks.* (24), cls_token, head.* (2)"``: keys grouped by their first component."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        group = key.split(".", 1)[0] + ".*" if "." in key else key
+        groups[group] = groups.get(group, 0) + 1
+    parts = [f"{g} ({n})" if n > 1 else g for g, n in groups.items()]
+    return ", ".join(parts[:limit]) + (f", ... ({len(parts) - limit} more groups)" if len(parts) > limit else "")
 
 
 def _is_qing_hybrid(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -54,7 +85,7 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     Args:
         state_dict: Model weights (``module.`` prefixes allowed).
     """
-    sd = _strip_wrappers(state_dict)
+    sd = strip_prefixes(state_dict)
     if is_original_hybrid(sd):
         return "original_hybrid"
     if _is_qing_hybrid(sd):
@@ -79,10 +110,10 @@ def convert_for_hybrid(state_dict: Mapping[str, torch.Tensor], model: nn.Module)
         model: The freshly built hybrid.
 
     Returns:
-        A :class:`~qing.weights.pretrained.Conversion`.
+        A :class:`Conversion`.
     """
     fmt = detect_format(state_dict)
-    sd = _strip_wrappers(state_dict)
+    sd = strip_prefixes(state_dict)
     if fmt == "original_hybrid":
         converted, _ = convert_original_hybrid(sd)
         return Conversion(converted, fmt, unused=[k for k in sd if k.startswith("base_model.classifier.")])
@@ -115,14 +146,14 @@ def convert_for_densenet(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
         model: The freshly built timm ``DenseNet``.
 
     Returns:
-        A :class:`~qing.weights.pretrained.Conversion` covering the whole model, with
+        A :class:`Conversion` covering the whole model, with
         torchxrayvision's ``op_threshs`` as ``thresholds`` when present.
 
     Raises:
         CheckpointError: A hybrid checkpoint, or an unrecognized layout.
     """
     fmt = detect_format(state_dict)
-    sd = _strip_wrappers(state_dict)
+    sd = strip_prefixes(state_dict)
     if fmt == "chexnet":
         return Conversion(convert_chexnet(sd, prefix="", classifier=True), fmt)
     if fmt == "xrv_densenet":
@@ -137,23 +168,3 @@ def convert_for_densenet(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
         )
     sample = ", ".join(list(sd)[:4])
     raise CheckpointError(f"found an unrecognized layout (keys like {sample}), expected {FORMATS['densenet121']}")
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm-style filter: convert ``state_dict`` for ``model`` and complete it for a strict load.
-
-    Picks :func:`convert_for_hybrid` for qing hybrids (models with a ``backbone``) and
-    :func:`convert_for_densenet` otherwise; keys the checkpoint lacks (a backbone-only
-    checkpoint's encoder and head, a replaced classifier) are filled from ``model``'s current
-    tensors, so ``model.load_state_dict(checkpoint_filter_fn(sd, model))`` loads strictly.
-
-    Args:
-        state_dict: Checkpoint weights in any format of :data:`FORMATS` (or a timm backbone's).
-        model: The target model; it needs ``pretrained_cfg`` (every qing model has it).
-
-    Returns:
-        A complete state dict for ``model``.
-    """
-    convert = convert_for_hybrid if hasattr(model, "backbone") else convert_for_densenet
-    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    return CheckpointFilter(name, "checkpoint", convert)(state_dict, model)
