@@ -45,7 +45,7 @@ from typing import Any, Optional, Union
 
 import timm
 import torch
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.constants import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_SINGLE_FILE
 from huggingface_hub.errors import (
@@ -60,6 +60,7 @@ from timm.models import save_for_hf
 from timm.utils import unwrap_model
 from torch import nn
 
+from qing._io import FILE_MODE
 from qing.meta import ModelMeta, get_meta
 from qing.model_card import generate_model_card
 from qing.version import __version__
@@ -67,9 +68,12 @@ from qing.version import __version__
 __all__ = [
     "ModelSource",
     "ModelSourceNotFoundError",
+    "download_model_folder",
     "explain_source_errors",
+    "is_model_folder",
     "open_model_source",
     "push_to_hub",
+    "resolve_model_folder",
     "restore_meta",
     "save_pretrained",
     "source_name",
@@ -103,6 +107,7 @@ def save_pretrained(
     model_card: bool = True,
     repo_id: Optional[str] = None,
     extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+    overwrite: bool = False,
     **card_fields: Any,
 ) -> Path:
     """Save a model as a folder that ``qing.create_model("local-dir:...")`` and timm load.
@@ -114,8 +119,8 @@ def save_pretrained(
 
     Args:
         model: A timm model (e.g. from ``qing.create_model``); DDP/compiled wrappers are unwrapped.
-        directory: Target folder. An existing one is replaced only if it is empty or holds a
-            ``config.json`` (a previously saved model); anything else is refused.
+        directory: Target folder. An existing one is replaced only if it is empty or is a qing model
+            folder (see :func:`is_model_folder`); anything else is refused unless ``overwrite=True``.
         label_names: One name per output (``len == model.num_classes``; binary: the positive
             class). Default: ``model.pretrained_cfg["label_names"]`` when it has the right length.
         data_config: Preprocessing to record instead of the model's pretrained cfg, e.g.
@@ -125,6 +130,7 @@ def save_pretrained(
             ``"hf-hub:<repo_id>"`` instead of the local folder.
         extra_files: More files to place in the folder, ``{relative name: text or bytes}``,
             written before the rename so they appear atomically with the model (e.g. training state).
+        overwrite: Replace ``directory`` even when it is not a qing model folder (everything in it is lost).
         **card_fields: Model card fields: ``title``, ``description``, ``license``, ``datasets``,
             ``tags``, ``base_model``, ``limitations``, ``citation`` (see
             [generate_model_card][qing.model_card.generate_model_card]).
@@ -133,13 +139,13 @@ def save_pretrained(
         The folder path.
 
     Raises:
-        FileExistsError: ``directory`` exists and is not a saved model folder.
+        FileExistsError: ``directory`` exists and is not a qing model folder (and ``overwrite`` is false).
         ValueError: Label names or thresholds that do not match ``model.num_classes``.
         TypeError: Not a timm model, or an unknown card field.
     """
     _check_card_fields(model_card, card_fields)
     directory = Path(directory)
-    _check_replaceable(directory)
+    _check_replaceable(directory, overwrite=overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
@@ -270,6 +276,9 @@ def _write_model_folder(
             target.write_text(content, encoding="utf-8")
         else:
             target.write_bytes(bytes(content))
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, FILE_MODE)  # as every file qing writes (a library may have written through a 0600 temp)
 
 
 def _resolve_label_names(model: nn.Module, label_names: Optional[list[str]]) -> Optional[list[str]]:
@@ -316,16 +325,37 @@ def _extra_file_path(folder: Path, name: str) -> Path:
     return folder / relative
 
 
-def _check_replaceable(directory: Path) -> None:
+def is_model_folder(directory: Union[str, os.PathLike]) -> bool:
+    """Whether ``directory`` is a qing model folder: its ``config.json`` names an architecture and has qing's entry.
+
+    [save_pretrained][qing.hub.save_pretrained] replaces only such folders (and empty ones) unless told to.
+    """
+    config_path = Path(directory) / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("architecture"), str) and "qing" in config
+
+
+def _check_replaceable(directory: Path, *, overwrite: bool) -> None:
     if not directory.exists():
         return
     if not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a folder; choose another path for the model")
-    if any(directory.iterdir()) and not (directory / CONFIG_NAME).is_file():
-        raise FileExistsError(
-            f"{directory} exists, is not empty and holds no {CONFIG_NAME}, so it is not a saved model folder; "
-            "refusing to replace it. Choose a new folder or remove this one."
-        )
+    entries = sorted(p.name for p in directory.iterdir())
+    if not entries or overwrite or is_model_folder(directory):
+        return
+    why = (
+        f"its {CONFIG_NAME} is not one qing wrote"
+        if (directory / CONFIG_NAME).is_file()
+        else f"it holds no {CONFIG_NAME} of a qing model"
+    )
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise FileExistsError(
+        f"{directory} is not a qing model folder ({why}); refusing to replace it and what it holds ({shown}). "
+        "Choose a new folder, or pass overwrite=True to replace it with everything in it."
+    )
 
 
 def _replace_dir(staging: Path, directory: Path) -> None:
@@ -348,16 +378,44 @@ def _replace_dir(staging: Path, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Where a training run keeps the model it selected (``qing train``'s output folder layout).
+RUN_BEST = Path("checkpoints") / "best"
+
+
+def resolve_model_folder(folder: Union[str, os.PathLike]) -> Path:
+    """The model folder meant by ``folder``: itself, or ``checkpoints/best`` of a training run folder."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() and (folder / RUN_BEST / CONFIG_NAME).is_file():
+        _logger.info("%s is a training run: loading its %s", folder, RUN_BEST)
+        return folder / RUN_BEST
+    return folder
+
+
+def _looks_like_path(text: str) -> bool:
+    """A name that cannot be a Hub repo id (``owner/name``) and reads as a local path."""
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+
+
 def source_name(source: Union[str, os.PathLike], revision: Optional[str] = None) -> str:
     """The ``hf-hub:``/``local-dir:`` model name for a repo id, folder or prefixed name (see ``qing.from_pretrained``).
 
+    A local folder may also be a training run folder (its ``checkpoints/best`` is loaded).
+
     Raises:
         ValueError: A revision for a local folder, or two revisions.
+        ModelSourceNotFoundError: A local path (``./x``, ``/x``, ``a/b/c``) that does not exist.
     """
-    if isinstance(source, os.PathLike) or (":" not in str(source) and Path(source).is_dir()):
+    text = os.fspath(source)
+    if isinstance(source, os.PathLike) or (":" not in text and (Path(text).is_dir() or _looks_like_path(text))):
+        if not Path(text).expanduser().is_dir():
+            what = "is a file, not a folder" if Path(text).expanduser().exists() else "does not exist"
+            raise ModelSourceNotFoundError(
+                f"no such folder: {text} {what}; expected a model folder written by qing.save_pretrained, or a "
+                "training run folder (its checkpoints/best), or a Hub repo id 'owner/name'"
+            )
         if revision is not None:
             raise ValueError(f"revision={revision!r} given for the local folder {source}; revisions are Hub-only")
-        return f"local-dir:{os.fspath(source)}"
+        return f"local-dir:{resolve_model_folder(Path(text).expanduser())}"
     name = str(source)
     prefix, colon, rest = name.partition(":")
     if not colon or prefix not in ("hf-hub", "local-dir"):
@@ -369,6 +427,60 @@ def source_name(source: Union[str, os.PathLike], revision: Optional[str] = None)
             raise ValueError(f"{name} already names a revision; drop revision={revision!r} or the '@...'")
         name = f"{name}@{revision}"
     return name
+
+
+def download_model_folder(
+    repo_id: str,
+    directory: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> Path:
+    """Copy every file of a Hub model repo, byte for byte, into a folder; check that the model loads first.
+
+    The files come through ``huggingface_hub.snapshot_download`` (the Hub cache, so ``HF_HUB_OFFLINE=1``
+    works from a filled cache), are copied into a temporary folder beside ``directory``, loaded once as
+    a check, and the folder is then renamed into place. Nothing is regenerated: the model card, its
+    licence and any other file stay as the repo has them.
+
+    Args:
+        repo_id: ``owner/name``.
+        directory: The folder to write; an existing one is replaced only if it is empty or a qing
+            model folder (see :func:`is_model_folder`).
+        revision: Branch, tag or commit sha.
+        cache_dir: Hub cache folder.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ModelSourceNotFoundError: Missing repo, revision or file, or not cached while offline.
+        FileExistsError: ``directory`` is not a qing model folder.
+        ValueError: The files do not make a loadable model.
+    """
+    directory = Path(directory)
+    _check_replaceable(directory, overwrite=False)
+    source = ModelSource("hf-hub", repo_id, revision, {}, None, os.fspath(cache_dir) if cache_dir else None)
+    with explain_source_errors(source):
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, library_name="qing"))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        os.chmod(staging, 0o755)
+        for path in sorted(snapshot.rglob("*")):
+            if path.is_file():  # the cache's symlinks to blobs are followed: real files, byte for byte
+                target = staging / path.relative_to(snapshot)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                os.chmod(target, FILE_MODE)
+        check = open_model_source("local-dir", str(staging))
+        with explain_source_errors(check):
+            timm.create_model(f"local-dir:{staging}", pretrained=True)
+        _replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
 
 
 @dataclass

@@ -8,12 +8,14 @@ of a saved ``config.json``. ``predict`` applies ``thresholds``; the model card s
 from __future__ import annotations
 
 import dataclasses
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["TASKS", "ModelMeta", "get_meta", "set_meta"]
+__all__ = ["TASKS", "ModelMeta", "default_label_names", "get_meta", "set_meta", "sync_head"]
 
 #: ``binary``: one logit, sigmoid. ``multilabel``: one sigmoid per label. ``multiclass``: softmax.
 TASKS = ("binary", "multilabel", "multiclass")
@@ -73,11 +75,69 @@ def get_meta(model: nn.Module) -> ModelMeta:
 def set_meta(model: nn.Module, **updates: Any) -> ModelMeta:
     """Update fields of the model's metadata and return it.
 
-    Thresholds must have one entry per output (``model.num_classes``).
+    Args:
+        model: The model; its ``qing_meta`` is replaced.
+        **updates: :class:`ModelMeta` fields. ``thresholds`` takes one probability per output
+            (``model.num_classes``) or a single number for every output; new thresholds without a
+            ``threshold_method`` clear the old method's name (it described the old thresholds).
+
+    Returns:
+        The new :class:`ModelMeta`.
+
+    Example:
+        >>> import qing
+        >>> model = qing.create_model("qing_test_tr1", num_classes=3)
+        >>> qing.set_meta(model, thresholds=0.3).thresholds
+        [0.3, 0.3, 0.3]
     """
-    meta = dataclasses.replace(get_meta(model), **updates)
+    unknown = sorted(set(updates) - {f.name for f in dataclasses.fields(ModelMeta)})
+    if unknown:
+        raise TypeError(f"unknown qing metadata field(s) {unknown}; expected some of {list(_FIELDS)}")
     num_classes = getattr(model, "num_classes", None)
+    thresholds = updates.get("thresholds")
+    if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
+        if not num_classes:
+            raise ValueError(f"a single threshold {thresholds} needs a model with outputs (num_classes={num_classes})")
+        updates["thresholds"] = [float(thresholds)] * int(num_classes)
+    elif thresholds is not None and not isinstance(thresholds, Sequence) and not hasattr(thresholds, "tolist"):
+        raise TypeError(f"thresholds must be a number or one number per output, got {type(thresholds).__name__}")
+    elif hasattr(thresholds, "tolist"):
+        updates["thresholds"] = thresholds.tolist()
+    if "thresholds" in updates and "threshold_method" not in updates:
+        updates["threshold_method"] = None
+    meta = dataclasses.replace(get_meta(model), **updates)
     if meta.thresholds is not None and num_classes and len(meta.thresholds) != num_classes:
         raise ValueError(f"{len(meta.thresholds)} thresholds for a model with {num_classes} outputs")
     model.qing_meta = meta
     return meta
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ModelMeta))
+
+
+def default_label_names(num_classes: int) -> tuple[str, ...]:
+    """``("class_0", "class_1", ...)``: the names of outputs nobody named (as timm and transformers do)."""
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def sync_head(model: nn.Module) -> None:
+    """Keep ``pretrained_cfg`` and ``qing_meta`` in step with the model's classifier.
+
+    Sets ``pretrained_cfg["num_classes"]`` to ``model.num_classes``; label names that do not number one per
+    output become :func:`default_label_names` (none for ``num_classes=0``); thresholds (and the metrics
+    and method that described them) of another output count are dropped. Called after building a model
+    and by ``reset_classifier``.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if not isinstance(cfg, dict):
+        return
+    cfg["num_classes"] = num_classes
+    names = cfg.get("label_names")
+    if not num_classes:
+        cfg["label_names"] = None
+    elif names is None or len(names) != num_classes:
+        cfg["label_names"] = default_label_names(num_classes)
+    meta = getattr(model, "qing_meta", None)
+    if isinstance(meta, ModelMeta) and meta.thresholds is not None and len(meta.thresholds) != num_classes:
+        model.qing_meta = dataclasses.replace(meta, thresholds=None, threshold_method=None, metrics={})

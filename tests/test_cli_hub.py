@@ -90,7 +90,7 @@ def test_pull_offline_without_a_cached_copy_fails_in_one_line(hub, tmp_path, mon
     assert main(["pull", "qing-tester/never-pushed", "out", "--cache-dir", str(hub.cache_dir)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(
-        "qing: error: Hub repo 'qing-tester/never-pushed' (config.json) is not in the local Hub cache "
+        "qing: error: Hub repo 'qing-tester/never-pushed' is not in the local Hub cache "
         f"({hub.cache_dir}) and offline mode is on (HF_HUB_OFFLINE=1); "
     )
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from huggingface_hub import constants
 
 from qing._factory import from_pretrained
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_new_folder, load_model, short_path
-from qing.hub import push_to_hub, save_pretrained
+from qing.hub import download_model_folder, push_to_hub
 
 PUSH_EPILOG = """\
 examples:
@@ -35,7 +35,9 @@ examples:
   qing pull me/cxr-pneumonia models/pinned --revision 0123456789abcdef0123456789abcdef01234567
   HF_HUB_OFFLINE=1 qing pull me/cxr-pneumonia models/cxr    # from the local Hub cache only
 
-The weights are checked by loading them; DIR is then a model folder for qing eval / predict / explain.
+Every file of the repo is copied byte for byte (model card and licence included), after a check that the
+model loads; DIR is then a model folder for qing eval / predict / explain. --overwrite replaces DIR only
+when it is a qing model folder.
 """
 
 
@@ -59,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull = subparsers.add_parser(
         "pull",
         help="download a model from the Hugging Face Hub into a folder",
-        description="Download a qing/timm model repo from the Hugging Face Hub, check it loads, save it as a folder.",
+        description="Download a qing/timm model repo from the Hugging Face Hub into a folder, byte for byte, "
+        "after checking that it loads.",
         epilog=PULL_EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -67,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument("dir", metavar="DIR", type=Path, help="model folder to write")
     pull.add_argument("--revision", metavar="REV", help="branch, tag or commit sha (default: main)")
     pull.add_argument("--cache-dir", type=Path, metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
-    pull.add_argument("--overwrite", action="store_true", help="replace an existing model folder at DIR")
+    pull.add_argument("--overwrite", action="store_true", help="replace an existing qing model folder at DIR")
     add_common_flags(pull)
     pull.set_defaults(func=run_pull)
 
@@ -104,8 +107,11 @@ def run_pull(args: argparse.Namespace) -> int:
     if revision and args.revision:
         raise CLIError(f"{args.repo_id} already names a revision; drop --revision {args.revision}")
     revision = revision or args.revision
-    model = from_pretrained(repo_id, revision=revision, cache_dir=args.cache_dir)
-    folder = save_pretrained(model, args.dir, repo_id=repo_id)
+    try:
+        folder = download_model_folder(repo_id, args.dir, revision=revision, cache_dir=args.cache_dir)
+    except FileExistsError as err:
+        raise CLIError(f"{err} (qing pull replaces only a qing model folder, even with --overwrite)") from err
+    model = from_pretrained(folder)
     meta = model.qing_meta
     labels = model.pretrained_cfg.get("label_names") or ()
     where = "the local Hub cache" if constants.HF_HUB_OFFLINE else constants.ENDPOINT

@@ -1,7 +1,5 @@
 """Multi-head self-attention that can also hand back its attention weights."""
 
-from __future__ import annotations
-
 import torch
 from timm.layers import Attention as _TimmAttention
 

@@ -1,7 +1,5 @@
 """Position encodings for a class token followed by a grid of feature-map tokens."""
 
-from __future__ import annotations
-
 import math
 
 import torch

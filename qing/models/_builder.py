@@ -4,16 +4,21 @@ Every qing entrypoint builds through :func:`build_model_with_weights`. With ``pr
 
 1. finds the weights of the pretrained cfg (tag) with :func:`qing.weights.locate_weights`, which
    fails with :class:`~qing.weights.WeightsNotFoundError` naming every place it looked and the
-   ways to supply them;
+   ways to supply them; a tag with a URL is downloaded once into the qing weights directory
+   (:func:`qing.weights.download_weights`) and checked against its integrity record on every load;
 2. reads local files itself (safetensors or ``torch.load(weights_only=True)``, see
-   :func:`qing.weights.read_checkpoint`) and lets timm download Hub weights;
+   :func:`qing.weights.read_checkpoint`; only files the caller named may be trusted with
+   ``QING_TRUST_PICKLE``) and lets timm download Hub weights;
 3. converts whatever format arrives in timm's ``pretrained_filter_fn`` (CheXNet, torchxrayvision,
    the original hybrid, a timm/torchvision backbone, qing's own; see :mod:`qing.weights.formats`),
    fills the tensors a backbone-only checkpoint does not have from the fresh initialization so
    timm's strict load passes, and replaces a classifier whose class count differs (a warning
    lists the dropped keys);
 4. compares every tensor it meant to load with the model afterwards and raises if any is
-   missing: never a silent random initialization.
+   missing: never a silent random initialization;
+5. keeps ``pretrained_cfg`` in step with the model: ``num_classes`` and one label name per output
+   (``class_0``, ... where none fit), and, when the classifier was not loaded, no label names of the
+   source weights and no thresholds, with one warning naming the randomly initialized parts.
 
 The result is described by a :class:`LoadReport` on ``model.qing_load_report``.
 """
@@ -26,6 +31,7 @@ import logging
 import urllib.error
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -33,28 +39,36 @@ from huggingface_hub import errors
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
-from qing.meta import set_meta
+from qing.meta import set_meta, sync_head
 from qing.weights import (
     CheckpointError,
     Conversion,
     Converter,
     convert_for_densenet,
     convert_for_hybrid,
+    detect_format,
+    download_path,
+    download_weights,
     locate_weights,
     not_found_error,
     read_checkpoint,
+    split_sha256,
     summarize_keys,
     unwrap_state_dict,
+    verify_integrity,
     weights_name,
 )
 from qing.weights.original import ORIGINAL_PREPROCESSING
 
 __all__ = [
+    "FOREIGN_FORMATS",
     "CheckpointFilter",
     "LoadReport",
     "build_model_with_weights",
     "check_model_kwargs",
+    "check_pretrained_cfg_keys",
     "checkpoint_filter_fn",
+    "convert_foreign_state_dict",
     "pretrained_cfg_dict",
 ]
 
@@ -87,6 +101,13 @@ class LoadReport:
     adapted: list[str] = field(default_factory=list)
     thresholds: Optional[list[float]] = None
 
+    def __repr__(self) -> str:
+        counts = ", ".join(
+            f"{name}={len(getattr(self, name))}" for name in ("loaded", "filled", "dropped", "unused", "adapted")
+        )
+        thresholds = "" if self.thresholds is None else f", thresholds={len(self.thresholds)}"
+        return f"LoadReport({self.name!r}, source={self.source!r}, format={self.format!r}, {counts}{thresholds})"
+
 
 def _classifier_keys(model: nn.Module, target: Mapping[str, torch.Tensor]) -> list[str]:
     names = model.pretrained_cfg.get("classifier") or ()
@@ -105,6 +126,7 @@ class CheckpointFilter:
         self.model: Optional[nn.Module] = None
         self.expected: dict[str, torch.Tensor] = {}
         self.report: Optional[LoadReport] = None
+        self.dropped_note = ""  # the classifier shapes that did not fit, for the builder's one warning
 
     def __call__(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """Convert ``state_dict`` for ``model``, check it fits, and complete it for a strict load."""
@@ -149,17 +171,15 @@ class CheckpointFilter:
                 model.pretrained_cfg["num_classes"] = getattr(model, "num_classes", model.pretrained_cfg["num_classes"])
             return []
         dropped = [k for k in head if k in ckpt]
-        rows = ckpt[dropped[0]].shape[0]
+        shapes = "; ".join(
+            f"{k} {tuple(ckpt[k].shape)} vs model {tuple(target[k].shape)}" for k in dropped if k in target
+        )
+        self.dropped_note = (
+            f"the checkpoint's classifier does not fit the model's {getattr(model, 'num_classes', '?')} outputs "
+            f"({shapes}): dropped {', '.join(dropped)}"
+        )
         for key in dropped:
             del ckpt[key]
-        _logger.warning(
-            "%s: the checkpoint's classifier has %d outputs but the model has %d: dropped %s "
-            "and re-initialized the classifier",
-            self.name,
-            rows,
-            getattr(model, "num_classes", -1),
-            ", ".join(dropped),
-        )
         return dropped
 
     def _check_fits(
@@ -246,23 +266,122 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _label_names_fit(cfg: dict[str, Any], num_classes: int, name: str, head_loaded: bool) -> None:
-    labels = cfg.get("label_names")
-    if labels is None or not num_classes or len(labels) == num_classes:
+_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+_SOURCE_LOCATIONS = ("file", "url", "state_dict")
+
+
+def check_pretrained_cfg_keys(
+    variant: str, pretrained_cfg: Any = None, overlay: Optional[Mapping[str, Any]] = None
+) -> None:
+    """Raise ``TypeError`` naming the unknown key and the valid ones (timm's own error names neither clearly).
+
+    Args:
+        variant: Architecture name, for the message.
+        pretrained_cfg: A dict (or ``PretrainedCfg``, tag name) given as ``pretrained_cfg``.
+        overlay: ``pretrained_cfg_overlay``.
+    """
+    for what, given in (("pretrained_cfg", pretrained_cfg), ("pretrained_cfg_overlay", overlay)):
+        if not isinstance(given, Mapping):
+            continue
+        unknown = sorted(set(given) - _CFG_FIELDS)
+        if unknown:
+            raise TypeError(
+                f"{variant}: unknown {what} key(s) {', '.join(map(repr, unknown))}; timm's PretrainedCfg has "
+                f"{', '.join(sorted(_CFG_FIELDS))}. Model arguments such as num_classes or in_chans go to "
+                "create_model itself; qing's own metadata (task, thresholds) goes through qing.set_meta"
+            )
+
+
+def _without_source_locations(pretrained_cfg: Any, overlay: Mapping[str, Any], variant: str) -> Any:
+    """For ``hf-hub:``/``local-dir:`` configs: drop the ``file``/``url``/``state_dict`` the repo's config.json set.
+
+    timm fills ``source`` (and, for ``local-dir:``, ``file``: the folder) itself; anything else that
+    points at weights came from a downloaded file and must not choose what is read from the local disk.
+    """
+    if not isinstance(pretrained_cfg, Mapping) or pretrained_cfg.get("source") not in ("hf-hub", "local-dir"):
+        return pretrained_cfg
+    keys = ("url", "state_dict") if pretrained_cfg["source"] == "local-dir" else _SOURCE_LOCATIONS
+    removed = [k for k in keys if pretrained_cfg.get(k) is not None and k not in overlay]
+    if not removed:
+        return pretrained_cfg
+    where = pretrained_cfg.get("hf_hub_id") or pretrained_cfg.get("file") or variant
+    _logger.warning(
+        "%s: ignored %s from the config.json of %s: a repo's config may not choose which local file or URL is "
+        "read; the weights come from the repo itself",
+        variant,
+        ", ".join(removed),
+        where,
+    )
+    return {k: v for k, v in pretrained_cfg.items() if k not in removed}
+
+
+def _head_loaded(model: nn.Module, report: LoadReport) -> bool:
+    head = _classifier_keys(model, model.state_dict())
+    return bool(head) and all(k in report.loaded for k in head)
+
+
+def _finish_head(
+    model: nn.Module, report: LoadReport, name: str, dropped_note: str, thresholds: Any, task: Any
+) -> None:
+    """Label names, thresholds and task after a load; one warning when the classifier is random."""
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if not num_classes:
+        sync_head(model)
         return
-    if head_loaded:
+    cfg = model.pretrained_cfg
+    if not _head_loaded(model, report):
+        names = cfg.get("label_names")
+        cfg["label_names"] = None  # they named the source weights' outputs, not this random head's
+        sync_head(model)
+        set_meta(model, thresholds=None)
+        fresh = [k for k in report.filled if not k.endswith("num_batches_tracked")]
+        parts = [f"randomly initialized (not in the checkpoint): {summarize_keys(fresh)}"]
+        if dropped_note:
+            parts.append(dropped_note)
+        named = f"; the source's {len(names)} label names were dropped" if names else ""
+        parts.append(
+            f"label names are {cfg['label_names'][0]}..{cfg['label_names'][-1]}{named} and no thresholds are set: "
+            "fine-tune the model before reading its predictions"
+        )
+        _logger.warning("%s: %s", name, "; ".join(parts))
+        return
+    labels = cfg.get("label_names")
+    if labels is not None and len(labels) != num_classes:
         _logger.warning(
             "%s: the pretrained cfg's %d label_names do not match the loaded classifier's %d outputs; "
-            "dropped them (pass pretrained_cfg_overlay=dict(label_names=[...]))",
+            "replaced them with class_0..class_%d (pass pretrained_cfg_overlay=dict(label_names=[...]))",
             name,
             len(labels),
             num_classes,
+            num_classes - 1,
         )
-    else:  # a new head for the caller's classes: the source weights' names no longer apply
-        _logger.info(
-            "%s: new %d-output head; the pretrained cfg's %d label_names dropped", name, num_classes, len(labels)
-        )
-    cfg["label_names"] = None
+        cfg["label_names"] = None
+    sync_head(model)
+    updates: dict[str, Any] = {}
+    if task:
+        updates["task"] = task
+    if thresholds is not None and len(thresholds) == num_classes:
+        updates["thresholds"] = list(thresholds)
+    if updates:
+        set_meta(model, **updates)
+
+
+def _read_weights(kind: str, location: str, cfg: PretrainedCfg, explicit: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    """Download (``url``), check integrity and read a weights file; returns ``(path, state dict)``."""
+    pinned = None
+    if kind == "url":
+        _, pinned = split_sha256(location)
+        path = download_path(cfg)
+        if not path.is_file():
+            download_weights(location, path)
+        location = str(path)
+    elif cfg.url:
+        _, pinned = split_sha256(str(cfg.url))
+        pinned = pinned if Path(location) == download_path(cfg) else None
+    verify_integrity(location, expected_sha256=pinned)
+    # QING_TRUST_PICKLE reaches only files the caller named; registry and downloaded files are never trusted
+    checkpoint = read_checkpoint(location, trust_pickle=None if explicit else False)
+    return location, unwrap_state_dict(checkpoint, source=location)
 
 
 def build_model_with_weights(
@@ -300,19 +419,28 @@ def build_model_with_weights(
     """
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    check_pretrained_cfg_keys(variant, pretrained_cfg, overlay)
+    pretrained_cfg = _without_source_locations(pretrained_cfg, overlay, variant)
+    if overlay.get("url") and not overlay.get("file"):  # the caller's URL replaces the tag's file and Hub repo
+        overlay.setdefault("hf_hub_id", None)
+        overlay["file"] = None
     if not pretrained:
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             model_cls, variant, False, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay or None,
             feature_cfg=feature_cfg, **kwargs,
         )  # fmt: skip
+        sync_head(model)
+        return model
 
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
     name = weights_name(cfg, variant)
     cache_dir = kwargs.get("cache_dir")
-    kind, location = locate_weights(cfg, variant=variant, cache_dir=cache_dir, explicit_file=bool(overlay.get("file")))
+    explicit = bool(overlay.get("file"))
+    kind, location = locate_weights(cfg, variant=variant, cache_dir=cache_dir, explicit_file=explicit)
     weights: Optional[Mapping[str, torch.Tensor]] = None
-    if kind == "file":
-        weights = unwrap_state_dict(read_checkpoint(location), source=location)
+    if kind in ("file", "url"):
+        location, weights = _read_weights(kind, location, cfg, explicit)
+        kind = "file"
         overlay["file"] = location
         source = location
     elif kind == "state_dict":
@@ -346,20 +474,8 @@ def build_model_with_weights(
     if kind == "file":
         model.pretrained_cfg["file"] = location
     model.qing_load_report = report
-
-    num_classes = getattr(model, "num_classes", 0)
-    if not report.dropped and num_classes:
-        head = model.pretrained_cfg.get("classifier") or ""
-        head_loaded = bool(head) and any(k.startswith(f"{head}.") for k in report.loaded)
-        _label_names_fit(model.pretrained_cfg, num_classes, name, head_loaded)
-        thresholds = report.thresholds or (tag_thresholds or {}).get(cfg.tag or "")
-        updates: dict[str, Any] = {}
-        if task:
-            updates["task"] = task
-        if thresholds is not None and len(thresholds) == num_classes:
-            updates["thresholds"] = list(thresholds)
-        if updates:
-            set_meta(model, **updates)
+    thresholds = report.thresholds or (tag_thresholds or {}).get(cfg.tag or "")
+    _finish_head(model, report, name, filt.dropped_note, thresholds, task)
     return model
 
 
@@ -388,6 +504,7 @@ def check_model_kwargs(model_cls: Callable[..., nn.Module], variant: str, kwargs
     Accepted: the parameters of ``model_cls`` and those timm's ``build_model_with_cfg`` reads
     (its own parameters and the feature-extraction keywords it takes out of ``**kwargs``).
     """
+    check_pretrained_cfg_keys(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     accepted = set(inspect.signature(model_cls).parameters)
     unknown = sorted(set(kwargs) - accepted - _TIMM_BUILD_ARGS)
     if unknown:
@@ -421,4 +538,36 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     """
     convert = convert_for_hybrid if hasattr(model, "backbone") else convert_for_densenet
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    return CheckpointFilter(name, "checkpoint", convert)(state_dict, model)
+    filt = CheckpointFilter(name, "checkpoint", convert)
+    complete = filt(state_dict, model)
+    if filt.dropped_note:
+        _logger.warning("%s: %s; the classifier keeps the model's initialization", name, filt.dropped_note)
+    return complete
+
+
+#: Checkpoint formats that :func:`convert_foreign_state_dict` converts (qing's own layout loads as it is).
+FOREIGN_FORMATS = ("chexnet", "original_hybrid", "xrv_densenet", "densenet121")
+
+
+def convert_foreign_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """A complete state dict for ``model`` when ``state_dict`` is a foreign format; ``None`` otherwise.
+
+    What qing models' ``load_state_dict`` runs first, so ``model.load_state_dict(torch.load("model.pth.tar")
+    ["state_dict"])`` and ``timm.create_model(..., checkpoint_path="model.pth.tar")`` convert CheXNet,
+    torchxrayvision, original-hybrid and torchvision DenseNet121 checkpoints. A state dict that already
+    has every key of the model is left alone (``None``).
+    """
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        return None
+    own = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if all(k in state_dict for k in own):
+        return None
+    try:
+        fmt = detect_format({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
+    except CheckpointError:
+        return None
+    if fmt not in FOREIGN_FORMATS:
+        return None
+    complete = checkpoint_filter_fn(state_dict, model)
+    _logger.info("converted a %s checkpoint for %s", fmt, type(model).__name__)
+    return complete

@@ -18,8 +18,8 @@ position encoding added, and a small Transformer encoder mixes the tokens. The h
 8 heads, MLP 1024, two post-norm blocks, dropout 0.2, sinusoidal positions).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here or in qing.layers: torch.fx copies the forward
+# signatures into the traced code, and TorchScript cannot read string annotations there.
 import inspect
 import re
 from functools import partial
@@ -43,7 +43,8 @@ from torch.utils.checkpoint import checkpoint
 
 from qing.layers import NORM_PLACEMENTS, POS_EMBED_TYPES, EncoderBlock, LearnedPosEmbed, SinCosPosEmbed
 from qing.layers.encoder import LayerNorm
-from qing.models._builder import build_model_with_weights, check_model_kwargs
+from qing.meta import sync_head
+from qing.models._builder import build_model_with_weights, check_model_kwargs, convert_foreign_state_dict
 from qing.weights import (
     CHEXNET_FILE,
     CXR14_LABELS,
@@ -53,7 +54,7 @@ from qing.weights import (
     XRV_WEIGHTS,
     convert_for_hybrid,
 )
-from qing.weights.chexnet import CHEXNET_URL
+from qing.weights.chexnet import CHEXNET_URL, CHEXNET_WEIGHTS_URL, NO_LICENSE
 
 __all__ = ["GLOBAL_POOL_TYPES", "CNNTransformer"]
 
@@ -346,6 +347,18 @@ class CNNTransformer(nn.Module):
         if num_classes > 0 and dd["device"].type != "meta":
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+        sync_head(self)  # pretrained_cfg num_classes / label names and thresholds follow the new head
+
+    @torch.jit.ignore
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` that first converts CheXNet, torchxrayvision and original-hybrid checkpoints.
+
+        A state dict in a foreign format (see :data:`qing.models.FOREIGN_FORMATS`) is converted and
+        completed with this model's own tensors where it has none (a backbone-only checkpoint), as
+        ``pretrained=True`` does; so ``timm.create_model(..., checkpoint_path="model.pth.tar")`` works.
+        """
+        converted = convert_foreign_state_dict(state_dict, self)
+        return super().load_state_dict(state_dict if converted is None else converted, strict=strict, assign=assign)
 
     # ---- forward --------------------------------------------------------------------------
 
@@ -602,19 +615,19 @@ def _timm_cfg(first_conv: str, timm_weights: str, **kwargs: Any) -> dict[str, An
 
 
 def _chexnet_cfg() -> dict[str, Any]:
-    """DenseNet121 backbone from CheXNet's model.pth.tar (found in the qing weights directory)."""
+    """DenseNet121 backbone from CheXNet's model.pth.tar (downloaded into the qing weights directory)."""
     return _cfg(
         "features.conv0",
         file=CHEXNET_FILE,
+        url=CHEXNET_WEIGHTS_URL,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
-        license="unknown",
+        license=NO_LICENSE,
         origin_url=CHEXNET_URL,
         paper_ids="arXiv:1711.05225",
         description=(
-            "Backbone from CheXNet (DenseNet121 trained on ChestX-ray14, ImageNet normalization). Not downloadable "
-            f"by qing: place model.pth.tar at $QING_WEIGHTS_DIR/{CHEXNET_FILE} or pass "
-            f"pretrained_cfg_overlay=dict(file=...). No license stated upstream. {_HEAD_NOTE}"
+            "Backbone from CheXNet (DenseNet121 trained on ChestX-ray14, ImageNet normalization), downloaded on "
+            f"first use into $QING_WEIGHTS_DIR/{CHEXNET_FILE}. The source states no licence. {_HEAD_NOTE}"
         ),
     )
 
@@ -625,6 +638,7 @@ def _xrv_cfg() -> dict[str, Any]:
     return _cfg(
         "features.conv0",
         file=f"xrv/{weights.filename}",
+        url=weights.url,
         input_size=(1, 224, 224),
         mean=XRV_MEAN,
         std=XRV_STD,
@@ -634,7 +648,7 @@ def _xrv_cfg() -> dict[str, Any]:
         paper_ids="arXiv:2111.00595",
         description=(
             f"Backbone from torchxrayvision {weights.name} ({weights.datasets}): one input channel scaled to "
-            f"[-1024, 1024], i.e. mean 0.5 and std 1/2048 on [0, 1]. {_HEAD_NOTE}"
+            f"[-1024, 1024], i.e. mean 0.5 and std 1/2048 on [0, 1]; torchxrayvision's licence. {_HEAD_NOTE}"
         ),
     )
 

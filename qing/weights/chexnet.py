@@ -13,9 +13,11 @@ It predates PyTorch 0.4, so there are no ``num_batches_tracked`` buffers (accept
 It was trained on ChestX-ray14 with ImageNet normalization, 224 px inputs, and predicts the 14
 labels of :data:`CXR14_LABELS` through a sigmoid (qing returns the logits before it).
 
-Where qing finds the file: it cannot be downloaded automatically. Put it at
-``$QING_WEIGHTS_DIR/chexnet/model.pth.tar`` (default ``~/.cache/qing/weights/chexnet/model.pth.tar``),
-or pass it explicitly with ``pretrained_cfg_overlay=dict(file="/path/to/model.pth.tar")``.
+Where qing finds the file: ``pretrained=True`` downloads it once from the repository
+(:data:`CHEXNET_WEIGHTS_URL`) to ``$QING_WEIGHTS_DIR/chexnet/model.pth.tar`` (default
+``~/.cache/qing/weights/chexnet/model.pth.tar``); on a machine without network, put it there by hand,
+or pass it explicitly with ``pretrained_cfg_overlay=dict(file="/path/to/model.pth.tar")``. The
+repository states no licence for its code or weights (:data:`NO_LICENSE`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from qing.weights.files import CheckpointError, strip_prefixes
 __all__ = [
     "CHEXNET_FILE",
     "CHEXNET_URL",
+    "CHEXNET_WEIGHTS_URL",
     "CXR14_LABELS",
+    "NO_LICENSE",
     "convert_chexnet",
     "is_chexnet",
 ]
@@ -46,6 +50,12 @@ CHEXNET_FILE = "chexnet/model.pth.tar"
 
 #: The repository that distributes ``model.pth.tar``.
 CHEXNET_URL = "https://github.com/arnoweng/CheXNet"
+
+#: The raw-file URL of ``model.pth.tar`` on the repository's master branch (downloaded on first use).
+CHEXNET_WEIGHTS_URL = "https://raw.githubusercontent.com/arnoweng/CheXNet/master/model.pth.tar"
+
+#: The ``license`` of weights whose source states none (the CheXNet repository has no licence file).
+NO_LICENSE = "no licence stated by the source"
 
 
 def is_chexnet(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -1,8 +1,10 @@
 """Reading checkpoint files safely: safetensors or ``torch.load(weights_only=True)``, clear errors.
 
 Every checkpoint qing reads goes through :func:`read_checkpoint`. PyTorch pickles are opened
-with ``weights_only=True``, which only rebuilds tensors and plain containers; a file that needs
-other Python objects (a pickled ``nn.Module``, a custom class) is refused with
+with ``weights_only=True``, which only rebuilds tensors and plain containers. Pickled
+torchxrayvision modules are read the same way, their classes replaced by inert stand-ins
+(:mod:`qing.weights.pickled_modules`), so no code from them runs. A file that needs any other
+Python object (a custom class, a function) is an *unsafe pickle*: it is refused with
 :class:`UnsafeCheckpointError` unless the caller opts in with ``trust_pickle=True`` or the
 environment variable ``QING_TRUST_PICKLE=1``. Unpickling such a file can run arbitrary code:
 opt in only for files from a source you trust, and re-save them as safetensors
@@ -21,6 +23,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from qing.weights.pickled_modules import PICKLED_MODULE_CLASSES, PickledModule, load_pickled_module
 
 __all__ = [
     "TRUST_PICKLE_ENV",
@@ -45,7 +49,13 @@ STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "model_state_dict", "state_dic
 #: Key prefixes added by model wrappers: ``DataParallel``/``DistributedDataParallel`` and ``torch.compile``.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-_GLOBAL_NAME = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_GLOBAL_NAME = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
+# What torch's weights_only unpickler says when a pickle asks for more than tensors and containers
+# (as opposed to a file that is not a pickle at all, or is cut short).
+_UNSAFE_MARKERS = re.compile(
+    r"GLOBAL|Unsupported operand|Can only create new object|Trying to call reduce|Can only build|"
+    r"Can only append|Can only extend|Can only setitems|is not a tensor"
+)
 _DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
@@ -87,7 +97,7 @@ def _unsafe(path: Path, names: list[str]) -> UnsafeCheckpointError:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more classes" if len(names) > 5 else "")
     found = shown or "Python objects that are not tensors or plain containers"
     return UnsafeCheckpointError(
-        f"refusing to unpickle {path}: it contains {found}. qing loads checkpoints with "
+        f"refusing to unpickle {path}: unsafe pickle: it contains {found}. qing loads checkpoints with "
         "torch.load(weights_only=True) because unpickling other objects can run arbitrary code. "
         f"If you trust the source of this file, opt in explicitly with trust_pickle=True "
         f"(e.g. qing.weights.load_checkpoint_file(path, trust_pickle=True)) or the environment variable "
@@ -96,7 +106,7 @@ def _unsafe(path: Path, names: list[str]) -> UnsafeCheckpointError:
 
 
 def _unsafe_globals(path: Path, err: BaseException) -> Optional[list[str]]:
-    """Names of the non-allowlisted globals, or ``None`` when the error is not about globals."""
+    """Names of the non-allowlisted globals (maybe ``[]``), or ``None`` when the error is not about unsafe content."""
     names: list[str] = []
     try:
         names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
@@ -105,7 +115,24 @@ def _unsafe_globals(path: Path, err: BaseException) -> Optional[list[str]]:
     if names:
         return names
     names = [n for n in _GLOBAL_NAME.findall(str(err)) if _DOTTED_NAME.match(n)]
-    return names or None
+    if names or _UNSAFE_MARKERS.search(str(err)):
+        return names
+    return None
+
+
+def _load_pickled_module(path: Path, names: list[str]) -> tuple[Optional[Any], list[str]]:
+    """The file read with stand-ins for pickled torchxrayvision modules, or ``(None, offending names)``.
+
+    Legacy (non-zip) files name one unsupported global at a time, so a file whose first name is
+    allowed is tried, and a name beyond the allow-list then fails the safe unpickler.
+    """
+    if not names or not set(names) <= PICKLED_MODULE_CLASSES:
+        return None, [n for n in names if n not in PICKLED_MODULE_CLASSES]
+    try:
+        return load_pickled_module(path), []
+    except pickle.UnpicklingError as err:
+        found = _unsafe_globals(path, err) or []
+        return None, [n for n in found if n not in PICKLED_MODULE_CLASSES]
 
 
 def read_checkpoint(path: Union[str, Path], *, trust_pickle: Optional[bool] = None) -> Any:
@@ -120,13 +147,17 @@ def read_checkpoint(path: Union[str, Path], *, trust_pickle: Optional[bool] = No
         trust_pickle: Allow full unpickling for files that need it (arbitrary code execution).
             ``None`` reads the environment variable ``QING_TRUST_PICKLE``.
 
+    A pickled torchxrayvision module is read as a tree of inert stand-ins
+    (:class:`~qing.weights.pickled_modules.PickledModule`) without any trust: no code from the file
+    runs and ``torchxrayvision`` is not imported.
+
     Returns:
-        Whatever the file holds: a state dict, a training checkpoint dict, or (trusted pickles
-        only) an ``nn.Module``.
+        Whatever the file holds: a state dict, a training checkpoint dict, a
+        :class:`~qing.weights.pickled_modules.PickledModule`, or (trusted pickles only) an ``nn.Module``.
 
     Raises:
         FileNotFoundError: No such file.
-        UnsafeCheckpointError: The file needs arbitrary unpickling and was not trusted.
+        UnsafeCheckpointError: An unsafe pickle (it needs arbitrary unpickling) that was not trusted.
         CheckpointError: The file is empty, truncated or not a checkpoint.
     """
     path = Path(path).expanduser()
@@ -148,8 +179,11 @@ def read_checkpoint(path: Union[str, Path], *, trust_pickle: Optional[bool] = No
         names = _unsafe_globals(path, err)
         if names is None:
             raise _corrupt(path, err) from err
+        standing_in, beyond = _load_pickled_module(path, names)
+        if standing_in is not None:
+            return standing_in
         if not trust_pickle_enabled(trust_pickle):
-            raise _unsafe(path, names) from err
+            raise _unsafe(path, beyond or names) from err
     except Exception as err:  # zip reader errors, EOFError, KeyError from garbage, ...
         raise _corrupt(path, err) from err
     _logger.warning("Unpickling %s with weights_only=False (trusted by the caller): it may run code", path)
@@ -168,7 +202,8 @@ def unwrap_state_dict(checkpoint: Any, *, source: Union[str, Path] = "checkpoint
 
     Accepts a plain state dict, a training checkpoint that nests it (under ``state_dict``,
     ``model_state_dict``, ``model``, ... as in ``{"epoch": 3, "state_dict": ..., "optimizer": ...}``),
-    or a trusted, unpickled ``nn.Module``. Non-tensor entries are ignored.
+    a trusted, unpickled ``nn.Module`` or a :class:`~qing.weights.pickled_modules.PickledModule`.
+    Non-tensor entries are ignored.
 
     Args:
         checkpoint: The loaded object.
@@ -180,12 +215,12 @@ def unwrap_state_dict(checkpoint: Any, *, source: Union[str, Path] = "checkpoint
     Raises:
         CheckpointError: No tensors found.
     """
-    if isinstance(checkpoint, nn.Module):
+    if isinstance(checkpoint, (nn.Module, PickledModule)):
         return dict(checkpoint.state_dict())
     if isinstance(checkpoint, Mapping):
         for key in STATE_DICT_KEYS:
             inner = checkpoint.get(key)
-            if isinstance(inner, nn.Module):
+            if isinstance(inner, (nn.Module, PickledModule)):
                 return dict(inner.state_dict())
             if _is_tensor_mapping(inner):
                 return dict(inner)
