@@ -18,6 +18,9 @@ from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, parse_model_nam
 from torch import nn
 
 from qing.hub import explain_source_errors, open_model_source, restore_meta, source_name
+from qing.models import CNNTransformer
+from qing.models.cxr_densenet import CXRDenseNet
+from qing.weights import read_checkpoint, strip_prefixes, unwrap_state_dict
 
 __all__ = ["create_model", "from_pretrained", "list_models", "list_pretrained"]
 
@@ -86,7 +89,10 @@ def create_model(
         pretrained_cfg: A tag name, dict or ``PretrainedCfg`` to use instead of the registry's.
         pretrained_cfg_overlay: Entries replacing those of the pretrained cfg, e.g.
             ``dict(file="model.pth.tar")`` to load weights from a file of any supported format.
-        checkpoint_path: A checkpoint loaded after creation.
+        checkpoint_path: A checkpoint loaded after creation. For qing models it is read safely (as
+            ``pretrained=True`` reads files) and may be in any format of :data:`qing.weights.FORMATS`:
+            a CheXNet ``model.pth.tar`` or torchxrayvision file is converted (backbone-only weights leave
+            the rest of the model as created).
         cache_dir: Cache directory for Hub and URL downloads.
         scriptable: Configure layers for ``torch.jit.script``.
         exportable: Configure layers for export.
@@ -114,7 +120,7 @@ def create_model(
         pretrained=pretrained,
         pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=pretrained_cfg_overlay,
-        checkpoint_path=checkpoint_path,
+        checkpoint_path=None,
         cache_dir=cache_dir,
         scriptable=scriptable,
         exportable=exportable,
@@ -127,13 +133,18 @@ def create_model(
         kind = None  # a malformed source prefix: timm raises its own error below
     if kind is None:
         _check_model_name(model_name)
-        return timm.create_model(model_name, **timm_args)
+        model = timm.create_model(model_name, **timm_args)
+        if checkpoint_path:
+            _load_checkpoint(model, checkpoint_path)
+        return model
 
     # hf-hub: / local-dir: read the source's config first, so missing repos, revisions, files and
     # offline cache misses fail with a message that says how to fix them
     source = open_model_source(kind, location, cache_dir=cache_dir, pretrained=pretrained)
     with explain_source_errors(source):
         model = timm.create_model(model_name, **timm_args)
+    if checkpoint_path:
+        _load_checkpoint(model, checkpoint_path)
     if pretrained:
         restore_meta(model, source)
     elif not checkpoint_path:
@@ -144,6 +155,16 @@ def create_model(
             source.text,
         )
     return model
+
+
+def _load_checkpoint(model: nn.Module, checkpoint_path: Union[str, Path]) -> None:
+    """``checkpoint_path=``: qing models read it safely and convert its format; other timm models as timm does."""
+    if not isinstance(model, (CNNTransformer, CXRDenseNet)):
+        timm.models.load_checkpoint(model, str(checkpoint_path))
+        return
+    state_dict = strip_prefixes(unwrap_state_dict(read_checkpoint(checkpoint_path), source=checkpoint_path))
+    model.load_state_dict(state_dict)  # converts CheXNet, torchxrayvision and original-hybrid layouts
+    _logger.info("loaded %s into %s", checkpoint_path, type(model).__name__)
 
 
 def from_pretrained(
@@ -157,7 +178,8 @@ def from_pretrained(
 
     Args:
         source: A Hub repo id (``"owner/name"``), a local folder (a ``Path``, or a string naming an
-            existing folder), or a prefixed name (``"hf-hub:owner/name[@rev]"``, ``"local-dir:path"``).
+            existing folder; a training run folder means its ``checkpoints/best``), or a prefixed name
+            (``"hf-hub:owner/name[@rev]"``, ``"local-dir:path"``).
         revision: Hub branch or commit sha to load (same as ``"@rev"`` in the name).
         cache_dir: Hub cache folder (default: the huggingface_hub cache).
         **kwargs: Passed to [create_model][qing.create_model], e.g. ``num_classes=3`` for a new head
@@ -167,7 +189,8 @@ def from_pretrained(
         The model in eval mode; ``model.qing_meta`` holds the saved task, thresholds and metrics.
 
     Raises:
-        qing.hub.ModelSourceNotFoundError: Missing repo, revision, file or folder, or not cached while offline.
+        qing.hub.ModelSourceNotFoundError: Missing repo, revision, file or folder ("no such folder" for a
+            local path), or not cached while offline.
     """
     model = create_model(source_name(source, revision), pretrained=True, cache_dir=cache_dir, **kwargs)
     return model.eval()

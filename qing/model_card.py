@@ -10,6 +10,7 @@ The text is deterministic (no dates), so the same model and fields always give t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -23,6 +24,8 @@ BASE_TAGS = ("timm", "image-classification", "chest-x-ray", "medical-imaging", "
 """Hub tags on every card; ``tags=`` adds to them."""
 
 _QING_URL = "https://github.com/qing-cxr/qing"
+# A Hub licence id ("apache-2.0", "cc-by-nc-4.0", "other", "unknown"); anything else is a sentence for the text.
+_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 # Metric keys that are not summary numbers (structures, or descriptions of how the metrics were computed).
 _NOT_SUMMARY = {
@@ -90,6 +93,8 @@ def generate_model_card(
         description: A paragraph about the weights (training data, recipe); a generic one by default.
         license: License id of the weights (Hub ids such as ``"apache-2.0"``, ``"cc-by-nc-4.0"``, ``"other"``);
             default: the pretrained cfg's ``license``, else ``"other"``. Match your training data's terms.
+            A statement that is not a Hub id (``"no licence stated by the source"``, CheXNet's) is shown in
+            the text, and the header says ``unknown``.
         datasets: Training datasets, added to the metadata's ``datasets``.
         tags: Extra Hub tags, added to [BASE_TAGS][qing.model_card.BASE_TAGS] and the task.
         base_model: Hub id of the weights these were fine-tuned from, if any.
@@ -109,7 +114,8 @@ def generate_model_card(
     metrics = dict(qing.get("metrics") or {})
     all_datasets = list(dict.fromkeys([*(qing.get("datasets") or []), *(datasets or [])]))
     name = title or model_id.split(":", 1)[-1].rstrip("/").split("/")[-1].split("@")[0]
-    license = license or pretrained_cfg.get("license") or "other"
+    license_text = license or pretrained_cfg.get("license") or "other"
+    license = license_text if _LICENSE_ID.match(license_text) else "unknown"
 
     summary = _summary_metrics(metrics)
     headline = [(k, v) for k, v in summary if isinstance(v, float) and not math.isnan(v) and "/" not in k]
@@ -150,7 +156,7 @@ def generate_model_card(
     parts.append(_preprocessing(pretrained_cfg))
     parts.append(_evaluation(summary, metrics, all_datasets))
     parts.append(_limitations(task, qing, limitations))
-    parts.append(_details(config, architecture, num_params, all_datasets, base_model))
+    parts.append(_details(config, architecture, num_params, all_datasets, base_model, license_text))
     if citation:
         parts.append(f"## Citation\n\n```bibtex\n{citation.strip()}\n```\n")
     return "\n".join(parts)
@@ -324,6 +330,7 @@ def _details(
     num_params: Optional[int],
     datasets: list[str],
     base_model: Optional[str],
+    license_text: str,
 ) -> str:
     lines = [f"- Architecture: `{architecture}` (timm, registered by `import qing`)"]
     if config.get("model_args"):
@@ -336,6 +343,7 @@ def _details(
         lines.append(f"- Training data: {', '.join(datasets)}")
     if base_model:
         lines.append(f"- Fine-tuned from: {base_model}")
+    lines.append(f"- Licence of the weights: {license_text}")
     lines.append(
         "- Files: `model.safetensors` (weights), `config.json` (timm config: architecture, labels, "
         'preprocessing; qing metadata under `"qing"`)'

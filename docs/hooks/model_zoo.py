@@ -5,7 +5,8 @@ The ``<!-- qing:model-zoo -->`` marker is replaced by
 - a table with one row per registered architecture and weight tag (``arch`` for the untagged
   configuration, ``arch.tag`` for each tag; the architecture's default tag is marked): tag, where the
   weights come from, parameter count (counted on the ``meta`` device, so nothing is allocated or
-  downloaded), input size, labels and license;
+  downloaded), input size, labels (``head: random (backbone only)`` for tags whose weights fill only a
+  hybrid's backbone) and license;
 - the architectures, each with the first paragraph of its entrypoint's docstring;
 - the weights, each with its pretrained config's description, file or Hub id, normalization,
   origin and paper;
@@ -34,9 +35,15 @@ def _has_weights(cfg: Any) -> bool:
     return bool(cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict is not None)
 
 
+def _backbone_only(cfg: Any) -> bool:
+    return _has_weights(cfg) and str(cfg.first_conv or "").startswith("backbone.")
+
+
 def _source(cfg: Any) -> str:
     if cfg.hf_hub_id:
         return f"Hugging Face Hub `{cfg.hf_hub_id}`"
+    if cfg.url and cfg.file:
+        return f"<{cfg.url}>, downloaded on first use into the qing weights directory as `{cfg.file}`"
     if cfg.url:
         return f"<{cfg.url}>"
     if cfg.file:
@@ -101,7 +108,9 @@ def model_zoo_markdown() -> str:
             if labels and len(labels) != cfg.num_classes:
                 raise PluginError(f"model zoo: {full_name} has {len(labels)} label_names for {cfg.num_classes} classes")
             label_cell = str(cfg.num_classes)
-            if labels:
+            if _backbone_only(cfg):
+                label_cell = "head: random (backbone only)"
+            elif labels:
                 name = label_sets.setdefault(labels, f"Label set {len(label_sets) + 1}")
                 users.setdefault(labels, []).append(f"`{full_name}`")
                 label_cell = f"[{name} ({len(labels)})](#{_anchor('labels', name)})"

@@ -1,4 +1,4 @@
-"""``qing models [PATTERN]``: the registry as a table: names and tags, size, input, labels, local weights."""
+"""``qing models [PATTERN]``: the registry as a table: names and tags, size, input, labels, weights, licence."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ examples:
   qing models --format json
 
 weights column: "-" = random initialization (no weights), "local: PATH" = a file found on this
-machine, "cached" = in the Hugging Face cache, "download" = fetched from the Hub on first use,
-"missing" = not available (qing.create_model(..., pretrained=True) explains where to put them).
+machine, "cached" = in the Hugging Face cache, "download" = fetched on first use (from the Hub, or
+from the URL the tag names, into the qing weights directory), "missing" = not available here, e.g.
+offline (qing.create_model(..., pretrained=True) explains where to put them).
+labels column: "head: random (backbone only)" = the tag's weights fill the backbone only; the head is
+random until fine-tuned. license column: the weights' licence as their source states it.
 """
 
 
@@ -58,6 +61,12 @@ def weights_status(full_name: str, cfg: Any) -> str:
     return "download" if kind == "url" else kind
 
 
+def backbone_only(cfg: Any) -> bool:
+    """Whether a tag's weights fill only the backbone of a hybrid (its head starts random)."""
+    has_weights = bool(cfg.hf_hub_id or cfg.url or cfg.file)
+    return has_weights and str(cfg.first_conv or "").startswith("backbone.")
+
+
 def _param_count(arch: str, num_classes: int) -> int:
     model = create_model(arch, num_classes=num_classes, device="meta")  # no memory, no weights
     return sum(p.numel() for p in model.parameters())
@@ -77,7 +86,8 @@ def collect(pattern: str, *, pretrained: bool) -> list[dict[str, Any]]:
             key = (arch, cfg.num_classes or 0)
             if key not in params:
                 params[key] = _param_count(*key)
-            labels = [str(name) for name in (cfg.label_names or ())]
+            head_random = backbone_only(cfg)
+            labels = [] if head_random else [str(name) for name in (cfg.label_names or ())]
             rows.append(
                 {
                     "name": full_name,
@@ -85,13 +95,17 @@ def collect(pattern: str, *, pretrained: bool) -> list[dict[str, Any]]:
                     "input_size": list(cfg.input_size),
                     "num_classes": cfg.num_classes,
                     "labels": labels,
+                    "head": "random" if head_random else "loaded" if status != "-" else "-",
                     "weights": status,
+                    "license": cfg.license if status != "-" else None,
                 }
             )
     return rows
 
 
 def _labels_cell(row: dict[str, Any]) -> str:
+    if row["head"] == "random":
+        return "head: random (backbone only)"
     labels = [name or "(unused)" for name in row["labels"]]
     if not labels:
         return f"{row['num_classes']} outputs"
@@ -114,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
             "x".join(map(str, row["input_size"])),
             _labels_cell(row),
             row["weights"],
+            row["license"] or "-",
         ]
         for row in rows
     ]
-    print(format_table(["name", "params", "input", "labels", "weights"], table, max_width=60))
+    print(format_table(["name", "params", "input", "labels", "weights", "license"], table, max_width=60))
     return 0
