@@ -2,7 +2,7 @@
 
 Mirrors the generic checks of timm's own ``tests/test_models.py`` (forward, backward with a
 gradient for every parameter, default cfgs, torchscript, ``features_only``, fx forward/backward,
-``forward_intermediates``) plus meta-device creation and bf16.
+fx then torchscript, ``forward_intermediates``) plus meta-device creation and bf16.
 """
 
 import math
@@ -180,6 +180,17 @@ def test_fx_backward(name):
     out.mean().backward()
     assert out.shape[-1] == 42
     assert sum(p.grad.numel() for p in traced.parameters() if p.grad is not None) == num_params
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fx_then_torchscript(name):
+    """timm's check: a symbolically traced model scripts too (no string annotations in the traced code)."""
+    with set_layer_config(scriptable=True):
+        model = qing.create_model(name).eval()
+    scripted = torch.jit.script(_fx_model(model))
+    x = _input(model)
+    with torch.no_grad():
+        assert torch.allclose(next(iter(scripted(x).values())), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("pos_embed", ["sincos", "learned"])

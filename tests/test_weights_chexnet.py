@@ -131,8 +131,11 @@ def test_other_class_count_reinitializes_only_the_classifier(chexnet, caplog):
             "qing_chexnet_densenet121", pretrained=True, num_classes=2, pretrained_cfg_overlay=dict(file=str(path))
         ).eval()
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "qing_chexnet_densenet121.chexnet: the checkpoint's classifier has 14 outputs but the model has 2: "
-        "dropped classifier.weight, classifier.bias and re-initialized the classifier"
+        "qing_chexnet_densenet121.chexnet: randomly initialized (not in the checkpoint): classifier.* (2); "
+        "the checkpoint's classifier does not fit the model's 2 outputs (classifier.weight (14, 1024) vs model "
+        "(2, 1024); classifier.bias (14,) vs model (2,)): dropped classifier.weight, classifier.bias; label names: "
+        "class_0..class_1 (the source's 14 label names do not apply); no thresholds: fine-tune the model before "
+        "reading its predictions"
     ]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

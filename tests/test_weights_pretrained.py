@@ -82,7 +82,9 @@ def test_custom_class_pickle_is_refused_unless_trusted(tmp_path, monkeypatch):
     with pytest.raises(UnsafeCheckpointError) as err:
         read_checkpoint(path)
     message = str(err.value)
-    assert message.startswith(f"refusing to unpickle {path}: it contains tests.test_weights_pretrained.Payload.")
+    assert message.startswith(
+        f"refusing to unpickle {path}: unsafe pickle: it contains tests.test_weights_pretrained.Payload."
+    )
     assert "trust_pickle=True" in message and "QING_TRUST_PICKLE=1" in message
     with pytest.raises(UnsafeCheckpointError):
         load_checkpoint_file(path)  # the dispatcher reads through the same gate
@@ -157,13 +159,17 @@ def test_missing_file_weights_say_where_and_how(weights_dir, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WeightsNotFoundError) as err:
         qing.create_model("qing_densenet121_tr2.chexnet", pretrained=True)
+    (tmp_path / "chexnet").mkdir()
+    (tmp_path / "chexnet" / "model.pth.tar").write_bytes(b"never read: registry files are not searched here")
+    with pytest.raises(WeightsNotFoundError) as err:  # offline (the suite): the download is not tried
+        qing.create_model("qing_densenet121_tr2.chexnet", pretrained=True)
     assert str(err.value) == "\n".join([
-        "pretrained weights for qing_densenet121_tr2.chexnet not found. Looked in:",
-        f"  - {tmp_path / 'chexnet/model.pth.tar'}",
+        "pretrained weights for qing_densenet121_tr2.chexnet not found (offline mode is on: HF_HUB_OFFLINE=1). "
+        "Looked in:",
         f"  - {weights_dir / 'chexnet/model.pth.tar'}",
         "Supply them in one of three ways:",
-        "  1. the Hugging Face cache: not available, these weights are not on the Hub; "
-        "get the file from https://github.com/arnoweng/CheXNet",
+        "  1. the download: qing fetches https://raw.githubusercontent.com/arnoweng/CheXNet/master/model.pth.tar "
+        "on first use; offline mode is on (HF_HUB_OFFLINE=1): fetch it where the network is reachable",
         '  2. a file: qing.create_model("qing_densenet121_tr2.chexnet", pretrained=True, '
         'pretrained_cfg_overlay=dict(file="/path/to/model.pth.tar"))',
         f"  3. the qing weights directory: put the file at {weights_dir / 'chexnet/model.pth.tar'} "
@@ -194,8 +200,12 @@ def test_missing_hub_weights_offline_say_where_and_how(weights_dir, tmp_path):
 
 def test_missing_overlay_file(weights_dir, tmp_path):
     missing = tmp_path / "nowhere.safetensors"
-    with pytest.raises(WeightsNotFoundError, match=f"not found. Looked in:\n  - {missing}\n"):
+    with pytest.raises(WeightsNotFoundError) as err:
         qing.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    assert str(err.value) == (
+        f"pretrained weights for {TAG}: the file {missing} given as pretrained_cfg_overlay file does not exist; "
+        "check the path (an absolute path avoids surprises)"
+    )
 
 
 def test_architecture_without_default_weights_lists_tags():
@@ -278,8 +288,10 @@ def test_new_num_classes_reinitializes_only_the_head(trained_tiny, caplog):
         model = qing.create_model(TAG, pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=str(path)))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        f"{TAG}: the checkpoint's classifier has 14 outputs but the model has 3: dropped head.weight, head.bias "
-        "and re-initialized the classifier"
+        f"{TAG}: randomly initialized (not in the checkpoint): head.* (2); the checkpoint's classifier does not fit "
+        "the model's 3 outputs (head.weight (14, 64) vs model (3, 64); head.bias (14,) vs model (3,)): dropped "
+        "head.weight, head.bias; label names: class_0..class_2 (the source's 14 label names do not apply); no "
+        "thresholds: fine-tune the model before reading its predictions"
     ]
     assert model.qing_load_report.dropped == ["head.weight", "head.bias"]
     expected = source.state_dict()
@@ -301,8 +313,8 @@ def test_a_fitting_head_loads_even_when_the_cfg_class_count_differs(tmp_path, ca
             TAG, pretrained=True, num_classes=1, pretrained_cfg_overlay=dict(file=str(tmp_path / "binary.safetensors"))
         )
     assert torch.equal(model.head.weight, source.head.weight)
-    assert model.pretrained_cfg["num_classes"] == 1 and model.pretrained_cfg["label_names"] is None
-    assert "the pretrained cfg's 14 label_names do not match the loaded classifier's 1 outputs" in caplog.text
+    assert model.pretrained_cfg["num_classes"] == 1 and model.pretrained_cfg["label_names"] == ("class_0",)
+    assert "the pretrained cfg's 14 label_names do not match the loaded classifier's 1 outputs; " in caplog.text
 
 
 def test_checkpoint_for_another_architecture(tmp_path):
@@ -404,12 +416,16 @@ def test_verification_catches_tensors_that_did_not_load(trained_tiny):
     )
 
 
-def test_a_new_head_drops_the_source_label_names_quietly(tmp_path, caplog):
-    """Backbone-only weights and a head for the caller's classes: nothing mismatched, so no warning."""
+def test_a_new_head_drops_the_source_label_names_with_one_warning(tmp_path, caplog):
+    """Backbone-only weights and a head for the caller's classes: one warning says what is random."""
     path = tmp_path / "test_resnet.safetensors"
     save_file(timm.create_model("test_resnet").state_dict(), path)
     with caplog.at_level(logging.INFO, logger="qing"):
         model = qing.create_model(TAG, pretrained=True, num_classes=1, pretrained_cfg_overlay=dict(file=str(path)))
-    assert model.pretrained_cfg["label_names"] is None
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "label_names" in r.getMessage()]
-    assert "new 1-output head; the pretrained cfg's 14 label_names dropped" in caplog.text
+    assert model.pretrained_cfg["label_names"] == ("class_0",)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{TAG}: randomly initialized (not in the checkpoint): ")
+    assert warnings[0].endswith(
+        "label names: class_0 (the source's 14 label names do not apply); no thresholds: "
+        "fine-tune the model before reading its predictions"
+    )

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 import qing
 from qing.convert import load_xrv_file
-from qing.weights import XRV_PATHOLOGIES, XRV_WEIGHTS, UnsafeCheckpointError
+from qing.weights import XRV_PATHOLOGIES, XRV_WEIGHTS
 from qing.weights.xrv import thresholds_from_op_threshs
 from tests.model_helpers import randomize_batchnorm
 
@@ -92,31 +92,23 @@ def test_one_channel_backbone_of_a_hybrid(txv, txv_file):
     assert np.allclose(ours.numpy(), xrv.utils.normalize(image, 255), atol=1e-3)
 
 
-def test_release_files_are_pickles_that_need_trust(txv, tmp_path, monkeypatch, caplog):
+def test_release_files_load_without_trust_or_torchxrayvision_code(txv, tmp_path, monkeypatch, caplog):
+    """Release files are whole pickled modules: read through inert stand-ins, no trust flag, no warning."""
     monkeypatch.delenv("QING_TRUST_PICKLE", raising=False)
     monkeypatch.setenv("QING_WEIGHTS_DIR", str(tmp_path))
     release = xrv.models.DenseNet(weights=None).eval()  # release files: whole pickled modules, no op_threshs
     release.load_state_dict({k: v for k, v in txv.state_dict().items() if k != "op_threshs"}, strict=False)
-    path = tmp_path / "xrv" / XRV_WEIGHTS["nih"].filename  # where qing looks for the nih tag
+    path = tmp_path / "xrv" / XRV_WEIGHTS["nih"].filename  # where qing keeps the nih tag's download
     path.parent.mkdir()
-    torch.save(release, path)
-    with pytest.raises(UnsafeCheckpointError) as err:
-        qing.create_model("qing_xrv_densenet121.nih", pretrained=True)
-    assert str(err.value).startswith(
-        f"refusing to unpickle {path}: it contains torchxrayvision.models.DenseNet, "
-        "torchxrayvision.models._DenseBlock, torchxrayvision.models._DenseLayer, torchxrayvision.models._Transition, "
-        "torch.nn.modules.activation.ReLU "
-        "and 6 more classes. "
-    )
+    torch.save(release, path, _use_new_zipfile_serialization=False)  # the pre-1.6 format of 2020's releases
 
-    converted = load_xrv_file(path, trust_pickle=True)
-    assert converted.pretrained_cfg["label_names"] == XRV_PATHOLOGIES  # from the module's targets
+    converted = load_xrv_file(path)
+    assert converted.pretrained_cfg["label_names"] == XRV_PATHOLOGIES
     assert converted.thresholds is None  # the file has none; the registry tag does
 
-    monkeypatch.setenv("QING_TRUST_PICKLE", "1")
     with caplog.at_level(logging.WARNING, logger="qing"):
         model = qing.create_model("qing_xrv_densenet121.nih", pretrained=True).eval()
-    assert f"Unpickling {path} with weights_only=False" in caplog.text
+    assert "Unpickling" not in caplog.text and model.qing_load_report.source == str(path)
     assert model.qing_meta.thresholds == thresholds_from_op_threshs(XRV_WEIGHTS["nih"].op_threshs)
     assert model.qing_meta.thresholds[14:] == [0.5] * 4  # untrained outputs (NaN upstream)
     assert model.pretrained_cfg["label_names"][14:] == ("", "", "", "")

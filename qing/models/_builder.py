@@ -338,11 +338,10 @@ def _finish_head(
         parts = [f"randomly initialized (not in the checkpoint): {summarize_keys(fresh)}"]
         if dropped_note:
             parts.append(dropped_note)
-        named = f"; the source's {len(names)} label names were dropped" if names else ""
-        parts.append(
-            f"label names are {cfg['label_names'][0]}..{cfg['label_names'][-1]}{named} and no thresholds are set: "
-            "fine-tune the model before reading its predictions"
-        )
+        new = cfg["label_names"]
+        shown = new[0] if len(new) == 1 else f"{new[0]}..{new[-1]}"
+        named = f" (the source's {len(names)} label names do not apply)" if names else ""
+        parts.append(f"label names: {shown}{named}; no thresholds: fine-tune the model before reading its predictions")
         _logger.warning("%s: %s", name, "; ".join(parts))
         return
     labels = cfg.get("label_names")
@@ -375,7 +374,7 @@ def _read_weights(kind: str, location: str, cfg: PretrainedCfg, explicit: bool) 
         if not path.is_file():
             download_weights(location, path)
         location = str(path)
-    elif cfg.url:
+    elif cfg.url and not explicit:
         _, pinned = split_sha256(str(cfg.url))
         pinned = pinned if Path(location) == download_path(cfg) else None
     verify_integrity(location, expected_sha256=pinned)

@@ -53,7 +53,7 @@ _GLOBAL_NAME = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\
 # What torch's weights_only unpickler says when a pickle asks for more than tensors and containers
 # (as opposed to a file that is not a pickle at all, or is cut short).
 _UNSAFE_MARKERS = re.compile(
-    r"GLOBAL|Unsupported operand|Can only create new object|Trying to call reduce|Can only build|"
+    r"GLOBAL|Can only create new object|Trying to call reduce|Can only build|"
     r"Can only append|Can only extend|Can only setitems|is not a tensor"
 )
 _DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -117,7 +117,14 @@ def _unsafe_globals(path: Path, err: BaseException) -> Optional[list[str]]:
     names = [n for n in _GLOBAL_NAME.findall(str(err)) if _DOTTED_NAME.match(n)]
     if names or _UNSAFE_MARKERS.search(str(err)):
         return names
+    if "Unsupported operand" in str(err) and _starts_like_a_pickle(path):
+        return names  # a pickle (protocol 2+) using instructions the safe unpickler does not run; not garbage
     return None
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"  # pickle's PROTO opcode
 
 
 def _load_pickled_module(path: Path, names: list[str]) -> tuple[Optional[Any], list[str]]:

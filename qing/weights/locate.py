@@ -133,7 +133,8 @@ def download_path(cfg: PretrainedCfg) -> Path:
     """
     url, _ = split_sha256(str(cfg.url))
     if cfg.file:
-        return _registry_candidates(str(cfg.file))[0]
+        file = Path(str(cfg.file)).expanduser()
+        return file if file.is_absolute() else _registry_candidates(str(cfg.file))[0]
     name = Path(url.split("?", 1)[0].rstrip("/")).name or "weights"
     return weights_dir() / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
 
