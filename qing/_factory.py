@@ -82,10 +82,10 @@ def create_model(
     Args:
         model_name: Architecture, optionally with ``.tag``, or a ``hf-hub:``/``local-dir:`` source.
         pretrained: Load the tag's weights, converted from their format and checked after loading
-            (see :func:`qing.models.build_model_with_weights`). Weights that cannot be downloaded are looked for
-            in the qing weights directory ``$QING_WEIGHTS_DIR`` (default ``~/.cache/qing/weights``),
-            e.g. CheXNet at ``chexnet/model.pth.tar``. A different ``num_classes`` re-initializes
-            only the classifier (a warning lists the dropped keys).
+            (see :func:`qing.models.build_model_with_weights`). Published weights are downloaded once
+            into the qing weights directory ``$QING_WEIGHTS_DIR`` (default ``~/.cache/qing/weights``),
+            e.g. CheXNet to ``chexnet/model.pth.tar``, and checked on every later load. A different
+            ``num_classes`` re-initializes only the classifier (one warning names the random parts).
         pretrained_cfg: A tag name, dict or ``PretrainedCfg`` to use instead of the registry's.
         pretrained_cfg_overlay: Entries replacing those of the pretrained cfg, e.g.
             ``dict(file="model.pth.tar")`` to load weights from a file of any supported format.

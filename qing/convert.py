@@ -40,6 +40,7 @@ from qing.weights import (
     FORMATS,
     XRV_PATHOLOGIES,
     CheckpointError,
+    PickledModule,
     convert_chexnet,
     convert_for_densenet,
     convert_for_hybrid,
@@ -313,7 +314,7 @@ def load_checkpoint_file(
         target = model_name or DEFAULT_TARGETS[fmt]
         if not timm.is_model(split_model_name_tag(target)[0]):
             raise ValueError(f"unknown model {target!r}; see qing.list_models()")
-        labels = getattr(raw, "targets", None) if isinstance(raw, nn.Module) else None
+        labels = getattr(raw, "targets", None) if isinstance(raw, (nn.Module, PickledModule)) else None
         extra = tuple(labels) if labels is not None and len(labels) == len(XRV_PATHOLOGIES) else None
         converted = _convert(fmt, state_dict, str(path), target, label_names, extra)
     _logger.info("%s: detected %s (%s); converting for %s", path, fmt, FORMATS[fmt], converted.model_name)
@@ -370,8 +371,8 @@ def load_xrv_file(
 ) -> ConvertedCheckpoint:
     """Convert torchxrayvision DenseNet121 weights for ``qing_xrv_densenet121`` (or a 1-channel hybrid backbone).
 
-    Accepts a saved ``model.state_dict()`` (tensors only) or, with ``trust_pickle=True``, the
-    release files, which are pickled ``nn.Module`` objects (needs torchxrayvision installed).
+    Accepts a saved ``model.state_dict()`` (tensors only) or the release files, which are pickled
+    ``nn.Module`` objects, read through inert stand-ins (no trust flag, no torchxrayvision needed).
     ``op_threshs`` in the weights become ``qing_meta.thresholds``. See :func:`load_checkpoint_file`.
     """
     return load_checkpoint_file(

@@ -16,13 +16,14 @@ examples:
   qing convert best_model.pth pneumonia-qing                      # the original hybrid script's state_dict
   qing convert best_model.pth pneumonia-qing --label-names PNEUMONIA
   qing convert xrv_all.pt xrv-qing                                # torchxrayvision DenseNet121 state dict
-  qing convert --trust-pickle ~/.torchxrayvision/models_data/<release>.pt xrv-qing   # a trusted release file
+  qing convert ~/.torchxrayvision/models_data/<release>.pt xrv-qing   # a release file (a pickled module)
   qing convert model.pth.tar tr4-backbone --model qing_densenet121_tr4   # CheXNet as a hybrid's backbone
 
 The format is detected from the tensor names. Files are read with torch.load(weights_only=True) or as
-safetensors; a file that needs full unpickling (torchxrayvision releases) is refused unless you trust
-it (--trust-pickle or QING_TRUST_PICKLE=1). DST gets model.safetensors, config.json (architecture,
-preprocessing, labels, thresholds) and a README.md model card; every tensor is checked after loading.
+safetensors (torchxrayvision's pickled modules through inert stand-ins: no code runs); any other
+pickle is refused as unsafe unless you trust it (--trust-pickle or QING_TRUST_PICKLE=1). DST gets
+model.safetensors, config.json (architecture, preprocessing, labels, thresholds) and a README.md model
+card; every tensor is checked after loading. DST is replaced only if it is empty or a qing model folder.
 """
 
 
