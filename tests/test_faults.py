@@ -154,7 +154,7 @@ def test_pull_keeps_every_file_byte_for_byte(hub, tmp_path, monkeypatch, capsys)
     files = hub.files(repo)
     pulled = {p.relative_to(tmp_path / "pulled").as_posix(): p.read_bytes() for p in (tmp_path / "pulled").rglob("*")}
     assert pulled == files  # README (licence, citation), NOTICE.txt, weights and config: all as the repo has them
-    assert "saved: pulled (NOTICE.txt, README.md, config.json, model.safetensors)" in capsys.readouterr().out
+    assert "saved: pulled (.gitattributes, NOTICE.txt, README.md, config.json, model.safetensors)" in capsys.readouterr().out
 
 
 # ---- issue 12, item 14: messages ---------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_saved_files_are_0644_and_the_load_report_repr_is_short(tmp_path):
     )
     text = repr(model.qing_load_report)
     assert text == (
-        f"LoadReport('qing_test_tr1', source={str(folder / 'model.safetensors')!r}, format='qing', loaded=96, "
+        f"LoadReport('qing_test_tr1', source={str(folder / 'model.safetensors')!r}, format='qing', loaded=111, "
         "filled=0, dropped=0, unused=0, adapted=0)"
     )
 
