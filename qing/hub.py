@@ -61,7 +61,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from qing._io import FILE_MODE
-from qing.meta import ModelMeta, get_meta
+from qing.meta import ModelMeta, default_label_names, get_meta
 from qing.model_card import generate_model_card
 from qing.version import __version__
 
@@ -122,7 +122,8 @@ def save_pretrained(
         directory: Target folder. An existing one is replaced only if it is empty or is a qing model
             folder (see :func:`is_model_folder`); anything else is refused unless ``overwrite=True``.
         label_names: One name per output (``len == model.num_classes``; binary: the positive
-            class). Default: ``model.pretrained_cfg["label_names"]`` when it has the right length.
+            class). Default: ``model.pretrained_cfg["label_names"]`` when it has the right length,
+            else ``class_0``, ... (with a warning).
         data_config: Preprocessing to record instead of the model's pretrained cfg, e.g.
             ``dict(input_size=(3, 320, 320), mean=..., std=...)`` (timm ``save_for_hf`` semantics).
         model_card: Write ``README.md``.
@@ -294,14 +295,16 @@ def _resolve_label_names(model: nn.Module, label_names: Optional[list[str]]) -> 
     names = model.pretrained_cfg.get("label_names")
     if names and len(names) == num_classes:
         return [str(n) for n in names]
-    if num_classes:
-        _logger.warning(
-            "saving without label names: the model has %d outputs and its pretrained_cfg has %s; "
-            "pass label_names=[...] so the config and model card name the outputs",
-            num_classes,
-            f"{len(names)} label names" if names else "none",
-        )
-    return None
+    if not num_classes:
+        return None
+    _logger.warning(
+        "saving with the label names class_0..class_%d: the model has %d outputs and its pretrained_cfg has %s; "
+        "pass label_names=[...] so the config and model card name the outputs",
+        num_classes - 1,
+        num_classes,
+        f"{len(names)} label names" if names else "none",
+    )
+    return list(default_label_names(num_classes))
 
 
 def _jsonable(value: Any, where: str) -> Any:

@@ -102,8 +102,9 @@ def test_models_table_and_local_weights(work, capsys, monkeypatch):
 
     assert main(["models", "qing_chexnet*"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["name", "params", "input", "labels", "weights"]
-    assert table[2].split()[0] == "qing_chexnet_densenet121.chexnet" and table[2].split()[-1] == "missing"
+    assert table[0].split() == ["name", "params", "input", "labels", "weights", "license"]
+    assert table[2].split()[0] == "qing_chexnet_densenet121.chexnet"  # offline (the suite): not downloadable now
+    assert table[2].endswith("  missing   no licence stated by the source")
     assert main(["models", "--pretrained", "test_tr1"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["qing_test_tr1.r160_in1k"]
 
