@@ -129,9 +129,9 @@ def sync_head(model: nn.Module) -> None:
     and by ``reset_classifier``.
     """
     cfg = getattr(model, "pretrained_cfg", None)
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    if not isinstance(cfg, dict):
+    if not isinstance(cfg, dict) or not hasattr(model, "num_classes"):  # e.g. a features_only wrapper
         return
+    num_classes = int(model.num_classes or 0)
     cfg["num_classes"] = num_classes
     names = cfg.get("label_names")
     if not num_classes:

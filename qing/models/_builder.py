@@ -325,7 +325,7 @@ def _finish_head(
 ) -> None:
     """Label names, thresholds and task after a load; one warning when the classifier is random."""
     num_classes = int(getattr(model, "num_classes", 0) or 0)
-    if not num_classes:
+    if not num_classes:  # a headless model or a features_only wrapper: no labels to keep in step
         sync_head(model)
         return
     cfg = model.pretrained_cfg
