@@ -104,7 +104,7 @@ def test_models_table_and_local_weights(work, capsys, monkeypatch):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["name", "params", "input", "labels", "weights", "license"]
     assert table[2].split()[0] == "qing_chexnet_densenet121.chexnet"  # offline (the suite): not downloadable now
-    assert table[2].endswith("  missing   no licence stated by the source")
+    assert table[2].endswith("  missing  no licence stated by the source")
     assert main(["models", "--pretrained", "test_tr1"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["qing_test_tr1.r160_in1k"]
 
@@ -167,7 +167,10 @@ def test_train_flags_config_file_preset_and_set(work, capsys):
 
 # ---- error paths: one line, exit code 1 ----------------------------------------------------------------
 
-MISSING_WEIGHTS = "qing: error: pretrained weights for qing_chexnet_densenet121.chexnet not found. Looked in:\n"
+MISSING_WEIGHTS = (
+    "qing: error: pretrained weights for qing_chexnet_densenet121.chexnet not found (offline mode is on: "
+    "HF_HUB_OFFLINE=1). Looked in:\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -270,7 +273,8 @@ def test_convert_refuses_untrusted_pickles_unless_asked(work, capsys, tmp_path):
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
     assert main(["convert", str(path), str(tmp_path / "out"), "--model", "qing_test_tr1"]) == 1
     assert _error(capsys).startswith(
-        f"qing: error: refusing to unpickle {path}: it contains argparse.Namespace. qing loads checkpoints with "
+        f"qing: error: refusing to unpickle {path}: unsafe pickle: it contains argparse.Namespace. qing loads "
+        "checkpoints with "
         "torch.load(weights_only=True)"
     )
     assert main(["convert", str(path), str(tmp_path / "out"), "--model", "qing_test_tr1", "--trust-pickle"]) == 0

@@ -154,7 +154,10 @@ def test_pull_keeps_every_file_byte_for_byte(hub, tmp_path, monkeypatch, capsys)
     files = hub.files(repo)
     pulled = {p.relative_to(tmp_path / "pulled").as_posix(): p.read_bytes() for p in (tmp_path / "pulled").rglob("*")}
     assert pulled == files  # README (licence, citation), NOTICE.txt, weights and config: all as the repo has them
-    assert "saved: pulled (.gitattributes, NOTICE.txt, README.md, config.json, model.safetensors)" in capsys.readouterr().out
+    assert (
+        "saved: pulled (.gitattributes, NOTICE.txt, README.md, config.json, model.safetensors)"
+        in capsys.readouterr().out
+    )
 
 
 # ---- issue 12, item 14: messages ---------------------------------------------------------------------------

@@ -167,8 +167,9 @@ def test_save_pretrained_replaces_a_model_folder_only_when_complete(tmp_path):
     with pytest.raises(FileExistsError) as err:
         save_pretrained(first, precious)
     assert str(err.value) == (
-        f"{precious} exists, is not empty and holds no config.json, so it is not a saved model folder; "
-        "refusing to replace it. Choose a new folder or remove this one."
+        f"{precious} is not a qing model folder (it holds no config.json of a qing model); refusing to replace it "
+        "and what it holds (notes.txt). Choose a new folder, or pass overwrite=True to replace it with everything "
+        "in it."
     )
     assert (precious / "notes.txt").read_text() == "keep me"
 
