@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from qing._format import format_value
 from qing._io import write_text_atomic
@@ -26,6 +27,16 @@ from qing.cli._common import (
     short_path,
 )
 from qing.cli._inference import inference_loader
+from qing.data import (
+    BadFileLog,
+    BadImage,
+    CXRDataset,
+    Sample,
+    build_transforms,
+    read_class_folders,
+    read_label_csv,
+    read_list_file,
+)
 
 EPILOG = """\
 examples:
@@ -144,8 +155,6 @@ def _class_targets(
 
 def read_samples(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
     """``(samples, binary negative class name, description)`` of DATA for the model's outputs."""
-    from qing.data import Sample, read_class_folders, read_list_file
-
     data: Path = args.data
     if not data.exists():
         raise CLIError(f"DATA {data} does not exist; give a folder of class folders, a labels CSV or a list file")
@@ -165,8 +174,6 @@ def read_samples(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[An
 
 
 def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
-    from qing.data import Sample, read_label_csv
-
     data: Path = args.data
     with open(data, newline="") as f:
         header = next(csv.reader(f), [])
@@ -211,10 +218,7 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from qing.data import BadFileLog, BadImage, CXRDataset, build_transforms
-    from qing.evaluate import collect_logits, evaluate_logits
+    from qing.evaluate import collect_logits, evaluate_logits  # here: keeps the CLI's start-up light (sklearn)
 
     out = args.output or Path(f"eval-{args.data.stem or 'data'}")
     check_new_folder(out, overwrite=args.overwrite)
