@@ -57,6 +57,11 @@ def add_device_flags(parser: argparse.ArgumentParser, *, batch: bool = True, wor
         )
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The MODEL positional argument of the commands that run a model (see :func:`load_model`)."""
+    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+
+
 def add_progress_flag(group: argparse._ActionsContainer) -> None:
     """``--progress`` / ``--no-progress``: a progress bar on stderr (default: only on a terminal)."""
     group.add_argument(

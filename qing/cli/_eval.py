@@ -20,6 +20,7 @@ from qing.cli._common import (
     LoadedModel,
     add_common_flags,
     add_device_flags,
+    add_model_argument,
     add_progress_flag,
     check_new_folder,
     load_model,
@@ -65,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+    add_model_argument(parser)
     parser.add_argument("data", metavar="DATA", type=Path, help="class folders, labels CSV or list file")
     data = parser.add_argument_group("data")
     data.add_argument(

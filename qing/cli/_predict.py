@@ -21,6 +21,7 @@ from qing.cli._common import (
     LoadedModel,
     add_common_flags,
     add_device_flags,
+    add_model_argument,
     add_progress_flag,
     check_new_file,
     format_table,
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+    add_model_argument(parser)
     parser.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (recursive) or glob patterns")
     out = parser.add_argument_group("output")
     out.add_argument(
