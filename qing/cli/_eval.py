@@ -38,6 +38,7 @@ from qing.data import (
     read_label_csv,
     read_list_file,
 )
+from qing.evaluate import collect_logits, evaluate_logits
 
 EPILOG = """\
 examples:
@@ -219,8 +220,6 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
 
 
 def run(args: argparse.Namespace) -> int:
-    from qing.evaluate import collect_logits, evaluate_logits  # here: keeps the CLI's start-up light (sklearn)
-
     out = args.output or Path(f"eval-{args.data.stem or 'data'}")
     check_new_folder(out, overwrite=args.overwrite)
     device = resolve_device(args.device)

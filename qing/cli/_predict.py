@@ -30,6 +30,8 @@ from qing.cli._common import (
 )
 from qing.cli._inference import expand_inputs, inference_loader
 from qing.data import ImageFiles, build_transforms
+from qing.evaluate import iter_logits, probabilities
+from qing.explain import class_token_heatmap, denormalize, overlay
 
 EPILOG = """\
 examples:
@@ -121,9 +123,6 @@ def _decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qing.evaluate import iter_logits, probabilities  # here: keeps the CLI's start-up light (sklearn)
-    from qing.explain import class_token_heatmap, denormalize, overlay  # here: keeps start-up light (matplotlib)
-
     fmt = _output_format(args)
     if args.output is not None:
         check_new_file(args.output, overwrite=args.overwrite)
