@@ -217,6 +217,43 @@ def test_early_stopping_pos_weight_and_resume_of_a_finished_run(tmp_path, data_r
     assert all(torch.equal(before[k], v) for k, v in weights(again.last_checkpoint).items())
 
 
+def test_trainer_builds_everything_before_fit(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=1, pos_weight="auto", report=True)
+    trainer = Trainer(cfg)
+    assert not cfg.run_dir.exists()  # building touches no file
+
+    assert isinstance(trainer.model, qing.CNNTransformer) and trainer.model.num_classes == 1
+    assert trainer.train_model is trainer.model and trainer.eval_model is trainer.model  # no DDP, compile, EMA
+    assert trainer.device == torch.device("cpu") and trainer.env.world_size == 1 and trainer.amp_dtype is None
+    assert set(trainer.datasets) == set(trainer.loaders) == {"train", "val", "test"}
+    sizes = {name: len(dataset) for name, dataset in trainer.datasets.items()}
+    assert sizes == {"train": 12, "val": 4, "test": 8}  # 16 train images, a quarter of the patients to val
+    assert len(trainer.loaders["train"]) == 3 and trainer.loaders["train"].batch_size == 4
+    assert trainer.data_config["input_size"] == (3, 64, 64)
+    assert {g["name"] for g in trainer.optimizer.param_groups} >= {"backbone", "head"}
+    assert trainer.schedule.kind == "cosine" and trainer.scaler is None and trainer.ema is None
+    positives = float(trainer.datasets["train"].targets.sum())
+    assert torch.allclose(trainer.loss_fn.pos_weight, torch.tensor([(12 - positives) / positives]))
+    assert trainer.stopper.metric == cfg.early_stopping_metric and trainer.stopper.best_epoch == 0
+    assert (trainer.history, trainer.global_step, trainer.start_epoch, trainer.stopped_early) == ([], 0, 0, False)
+    assert trainer.tb is None and trainer.tb_images is None  # only while fit() runs
+
+    logits, targets = trainer.predict("test")  # the untrained model already predicts
+    assert logits.shape == (8, 1) and torch.equal(targets, trainer.datasets["test"].targets)
+
+    result = trainer.fit()
+    assert result.epochs_completed == 1 and result.test_metrics["n_samples"] == 8
+    assert trainer.global_step == 3 and len(trainer.history) == 1
+    log = (cfg.run_dir / "train.log").read_text()
+    assert (
+        log.index("pos_weight (negatives/positives in train)")
+        < log.index("training qing_test_tr1")
+        < log.index("epoch 1/1")
+    )  # what building logged comes first
+    with pytest.raises(RuntimeError, match=r"fit\(\) already ran on this Trainer; create a new one"):
+        trainer.fit()
+
+
 def test_multiclass_run_with_a_plain_timm_model(tmp_path):
     for split, n in (("train", 6), ("test", 2)):
         write_class_folders(tmp_path / "data" / split, {"a": n, "b": n, "c": n}, size=64, seed=len(split))
@@ -248,7 +285,7 @@ def test_multiclass_run_with_a_plain_timm_model(tmp_path):
 
 
 def test_command_line_overrides():
-    from qing.train.__main__ import apply_overrides
+    from qing.train.config import apply_overrides
 
     values = apply_overrides({"data": {"root": "a"}}, ["epochs=3", "data.cache_images=true", "pos_weight=[1, 2.5]"])
     assert values == {"data": {"root": "a", "cache_images": True}, "epochs": 3, "pos_weight": [1, 2.5]}

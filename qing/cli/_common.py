@@ -16,6 +16,7 @@ from torch import nn
 
 from qing._factory import create_model
 from qing.convert import load_checkpoint_file
+from qing.evaluate import inference
 from qing.meta import get_meta
 
 _log = logging.getLogger("qing.cli")
@@ -62,6 +63,21 @@ def add_device_flags(parser: argparse.ArgumentParser, *, batch: bool = True, wor
         )
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The MODEL positional argument of the commands that run a model (see :func:`load_model`)."""
+    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+
+
+def add_progress_flag(group: argparse._ActionsContainer) -> None:
+    """``--progress`` / ``--no-progress``: a progress bar on stderr (default: only on a terminal)."""
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only on a terminal)",
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -79,16 +95,13 @@ def non_negative_int(text: str) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a CUDA device that is not there is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device``: :func:`qing.evaluate.resolve_device`, its errors worded for the command line."""
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
+        return inference.resolve_device(name)
+    except inference.CUDAUnavailableError as err:
+        raise CLIError(f"--device {name} but CUDA is not available here; use --device cpu") from err
+    except ValueError as err:
         raise CLIError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} but CUDA is not available here; use --device cpu")
-    return device
 
 
 # ---- models --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from qing._format import format_value
 from qing._io import write_text_atomic
@@ -19,12 +20,25 @@ from qing.cli._common import (
     LoadedModel,
     add_common_flags,
     add_device_flags,
+    add_model_argument,
+    add_progress_flag,
     check_new_folder,
     load_model,
     resolve_device,
     short_path,
 )
-from qing.cli._inference import run_batches
+from qing.cli._inference import inference_loader
+from qing.data import (
+    BadFileLog,
+    BadImage,
+    CXRDataset,
+    Sample,
+    build_transforms,
+    read_class_folders,
+    read_label_csv,
+    read_list_file,
+)
+from qing.evaluate import collect_logits, evaluate_logits
 
 EPILOG = """\
 examples:
@@ -53,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+    add_model_argument(parser)
     parser.add_argument("data", metavar="DATA", type=Path, help="class folders, labels CSV or list file")
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -75,12 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--n-bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the AUROC interval"
     )
     out.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap")
-    out.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: only on a terminal)",
-    )
+    add_progress_flag(out)
     add_device_flags(parser)
     add_common_flags(parser)
     parser.set_defaults(func=run)
@@ -148,8 +157,6 @@ def _class_targets(
 
 def read_samples(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
     """``(samples, binary negative class name, description)`` of DATA for the model's outputs."""
-    from qing.data import Sample, read_class_folders, read_list_file
-
     data: Path = args.data
     if not data.exists():
         raise CLIError(f"DATA {data} does not exist; give a folder of class folders, a labels CSV or a list file")
@@ -169,8 +176,6 @@ def read_samples(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[An
 
 
 def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
-    from qing.data import Sample, read_label_csv
-
     data: Path = args.data
     with open(data, newline="") as f:
         header = next(csv.reader(f), [])
@@ -215,11 +220,6 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from qing.data import BadFileLog, CXRDataset, build_transforms
-    from qing.evaluate import compute_metrics, probabilities, write_report
-
     out = args.output or Path(f"eval-{args.data.stem or 'data'}")
     check_new_folder(out, overwrite=args.overwrite)
     device = resolve_device(args.device)
@@ -228,37 +228,20 @@ def run(args: argparse.Namespace) -> int:
     transform = build_transforms(loaded.model, train=False)
     dataset = CXRDataset(samples, task=loaded.task, transform=transform)
 
+    loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
+    outputs = collect_logits(loaded.model, loader, device=device, progress=args.progress, desc="eval")
     bad_files = BadFileLog()
-    indices: list[int] = []
-    logits = []
-    shown = None
-    for batch in run_batches(
-        loaded.model,
-        dataset,
-        device=device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        progress=args.progress,
-        desc="eval",
-    ):
-        for bad in batch.bad:
-            bad_files.add(bad.path, bad.reason)
-        if batch.indices:
-            indices += batch.indices
-            logits.append(batch.logits)
-            if shown is None:
-                shown = batch.images[:4].cpu()
-    if not indices:
+    for bad in outputs.bad:
+        bad_files.add(bad.path, bad.reason)
+    if not len(outputs.indices):
         raise CLIError(f"none of the {len(dataset)} images of {description} could be read")
-    probs = probabilities(torch.cat(logits).numpy(), loaded.task)
-    targets = dataset.targets[indices].numpy().astype(np.int64)
     from_model = loaded.threshold_source.startswith("stored")
     method = loaded.model.qing_meta.threshold_method if from_model else None
     if loaded.threshold_source == "--threshold":
         method = "given (--threshold)"
-    metrics = compute_metrics(
-        targets,
-        probs,
+    evaluation = evaluate_logits(
+        outputs.logits,
+        dataset.targets[outputs.indices],
         task=loaded.task,
         label_names=loaded.labels,
         thresholds=loaded.thresholds or None,
@@ -267,23 +250,23 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         negative_label=negative,
     )
-    report = write_report(
+    shown = None
+    if loaded.has_attention:  # the report's attention figures: the first readable images
+        items = [dataset[i] for i in outputs.indices[:4].tolist()]
+        images = [item["image"] for item in items if not isinstance(item, BadImage)]
+        shown = torch.stack(images) if images else None
+    report = evaluation.write_report(
         out,
-        metrics=metrics,
-        targets=targets,
-        probs=probs,
-        label_names=loaded.labels,
-        task=loaded.task,
         model=loaded.model if loaded.has_attention else None,
-        images=shown if loaded.has_attention else None,
+        images=shown,
         mean=transform.mean,
         std=transform.std,
         bad_files=bad_files,
         title=f"{args.model} on {args.data.name}",
     )
-    paths = [str(dataset.samples[i].path) for i in indices]
-    write_text_atomic(out / "predictions.csv", _predictions_csv(paths, targets, probs, loaded))
-    _print_summary(metrics, loaded, description, len(bad_files))
+    paths = [str(dataset.samples[i].path) for i in outputs.indices.tolist()]
+    write_text_atomic(out / "predictions.csv", _predictions_csv(paths, evaluation.targets, evaluation.probs, loaded))
+    _print_summary(evaluation.metrics, loaded, description, len(bad_files))
     print(f"report: {short_path(report)}")
     if bad_files:
         print(f"qing: error: {len(bad_files)} image(s) could not be read (listed in the report)", file=sys.stderr)

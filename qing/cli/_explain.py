@@ -12,6 +12,7 @@ from qing.cli._common import (
     HelpFormatter,
     add_common_flags,
     add_device_flags,
+    add_model_argument,
     check_new_file,
     load_model,
     resolve_device,
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+    add_model_argument(parser)
     parser.add_argument("image", metavar="IMAGE", type=Path, help="a PNG, JPEG or DICOM file")
     parser.add_argument(
         "-o", "--output", type=Path, metavar="FILE", help="PNG to write (default: <IMAGE name>_attention.png)"

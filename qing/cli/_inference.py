@@ -1,28 +1,18 @@
-"""Running a model over image files in batches: input expansion, an unlabelled image dataset, the batch loop."""
+"""Image files for ``qing predict`` and ``qing eval``: INPUT arguments expanded to files, and the batches
+the model runs on (the loop itself is :func:`qing.evaluate.iter_logits`)."""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from qing.data import (
-    BadImage,
-    ImageLoadError,
-    ImageTransform,
-    collate_skip_bad,
-    find_images,
-    is_image_file,
-    load_image,
-)
+from qing.data import collate_skip_bad, find_images, is_image_file
 
 _GLOB_CHARS = ("*", "?", "[")
 
@@ -78,66 +68,16 @@ def expand_inputs(arguments: Sequence[str]) -> Inputs:
     return inputs
 
 
-class ImageFiles(Dataset):
-    """Unlabelled images for inference: items ``{"image": (C, H, W), "index": int}`` or a :class:`BadImage`."""
-
-    def __init__(self, paths: Sequence[Path], transform: ImageTransform) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Union[dict[str, Any], BadImage]:
-        path = self.paths[index]
-        try:
-            image = load_image(path, channels=self.transform.channels)
-            return {"image": self.transform(image), "index": index}
-        except ImageLoadError as err:
-            return BadImage(index, str(path), err.reason)
-        except (OSError, ImportError, ValueError) as err:  # vanished file, pydicom missing, odd pixel data
-            return BadImage(index, str(path), str(err).splitlines()[0] if str(err) else type(err).__name__)
-
-
-@dataclass
-class Batch:
-    """One batch of model outputs.
-
-    Attributes:
-        indices: Dataset indices of the readable images ``(B,)``.
-        images: Their normalized inputs on the model's device ``(B, C, H, W)``.
-        logits: float32 CPU logits ``(B, num_classes)``.
-        bad: Items that could not be read.
-    """
-
-    indices: list[int]
-    images: torch.Tensor
-    logits: torch.Tensor
-    bad: list[BadImage]
-
-
-def run_batches(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    progress: bool | None = None,
-    desc: str = "images",
-) -> Iterator[Batch]:
-    """Run ``model`` over ``dataset`` in order; unreadable items are passed on, never stop the loop.
+def inference_loader(dataset: Dataset, *, device: torch.device, batch_size: int, num_workers: int) -> DataLoader:
+    """The batches ``qing eval`` and ``qing predict`` run the model on: in order, unreadable items handed on.
 
     Args:
-        model: In eval mode on ``device``.
-        dataset: Items as :class:`ImageFiles` / ``qing.data.CXRDataset`` give them.
-        device: The model's device.
+        dataset: A :class:`qing.data.ImageFiles` or :class:`qing.data.CXRDataset`.
+        device: Where the model runs (CUDA pins the batches' memory).
         batch_size: Images per forward pass.
         num_workers: DataLoader worker processes.
-        progress: Progress bar on stderr; ``None`` shows it only on a terminal.
-        desc: Progress bar label.
     """
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
@@ -145,15 +85,3 @@ def run_batches(
         collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda",
     )
-    with tqdm(total=len(dataset), desc=desc, unit="img", disable=None if progress is None else not progress) as bar:
-        for batch in loader:
-            bad = list(batch["bad"])
-            if batch["image"] is None:
-                bar.update(len(bad))
-                yield Batch([], torch.zeros(0), torch.zeros(0), bad)
-                continue
-            images = batch["image"].to(device, non_blocking=True)
-            with torch.no_grad():
-                logits = model(images).float().cpu()
-            bar.update(len(images) + len(bad))
-            yield Batch(batch["index"].tolist(), images, logits, bad)

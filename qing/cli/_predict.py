@@ -21,12 +21,17 @@ from qing.cli._common import (
     LoadedModel,
     add_common_flags,
     add_device_flags,
+    add_model_argument,
+    add_progress_flag,
     check_new_file,
     format_table,
     load_model,
     resolve_device,
 )
-from qing.cli._inference import ImageFiles, expand_inputs, run_batches
+from qing.cli._inference import expand_inputs, inference_loader
+from qing.data import ImageFiles, build_transforms
+from qing.evaluate import iter_logits, probabilities
+from qing.explain import class_token_heatmap, denormalize, overlay
 
 EPILOG = """\
 examples:
@@ -61,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="model folder, hf-hub:/local-dir: source or registered name")
+    add_model_argument(parser)
     parser.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (recursive) or glob patterns")
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -79,12 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="P",
         help="decision threshold(s) instead of the model's: one probability, or one per output (comma-separated)",
     )
-    out.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: only on a terminal)",
-    )
+    add_progress_flag(out)
     add_device_flags(parser)
     add_common_flags(parser)
     parser.set_defaults(func=run)
@@ -123,10 +123,6 @@ def _decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qing.data import build_transforms
-    from qing.evaluate import probabilities
-    from qing.explain import class_token_heatmap, denormalize, overlay
-
     fmt = _output_format(args)
     if args.output is not None:
         check_new_file(args.output, overwrite=args.overwrite)
@@ -157,15 +153,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"qing: skipped {arg}: {why}", file=sys.stderr)
 
     dataset = ImageFiles(inputs.files, transform)
-    for batch in run_batches(
-        loaded.model,
-        dataset,
-        device=device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        progress=args.progress,
-        desc="predict",
-    ):
+    loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
+    for batch in iter_logits(loaded.model, loader, device=device, progress=args.progress, desc="predict"):
         for bad in batch.bad:
             results[bad.index].error = bad.reason
             print(f"qing: skipped {bad.path}: {bad.reason}", file=sys.stderr)

@@ -5,7 +5,7 @@ Data flows one way: files -> :func:`load_splits` (samples, checked, split by pat
 """
 
 from qing.data.builders import DataConfig, DataSplits, build_datasets, load_splits
-from qing.data.dataset import BadFileLog, BadImage, CXRDataset, collate_skip_bad, encode_targets
+from qing.data.dataset import BadFileLog, BadImage, CXRDataset, ImageFiles, collate_skip_bad, encode_targets
 from qing.data.image_io import ImageLoadError, check_image_header, find_images, is_dicom, is_image_file, load_image
 from qing.data.samples import (
     PATIENT_REGEX_KERMANY,
@@ -30,6 +30,7 @@ __all__ = [
     "CXRDataset",
     "DataConfig",
     "DataSplits",
+    "ImageFiles",
     "ImageLoadError",
     "ImageTransform",
     "Sample",

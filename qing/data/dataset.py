@@ -1,4 +1,5 @@
-"""The image dataset: samples + transform, an optional in-memory cache, and bad-file accounting.
+"""The image datasets (labelled samples + transform, with an optional in-memory cache; unlabelled files
+for inference) and bad-file accounting.
 
 An image that fails to decode (truncated, corrupt) does not stop an epoch: ``__getitem__`` returns
 a :class:`BadImage` marker, :func:`collate_skip_bad` drops it from the batch and hands its path
@@ -11,6 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -22,7 +24,7 @@ from qing.data.image_io import ImageLoadError, load_image
 from qing.data.samples import Sample
 from qing.data.transforms import ImageTransform
 
-__all__ = ["TASKS", "BadFileLog", "BadImage", "CXRDataset", "collate_skip_bad", "encode_targets"]
+__all__ = ["TASKS", "BadFileLog", "BadImage", "CXRDataset", "ImageFiles", "collate_skip_bad", "encode_targets"]
 
 _log = logging.getLogger("qing.data")
 
@@ -32,7 +34,7 @@ TASKS = ("binary", "multilabel", "multiclass")
 
 @dataclass(frozen=True)
 class BadImage:
-    """Marker returned by :class:`CXRDataset` for an image that could not be read."""
+    """Marker returned by :class:`CXRDataset` and :class:`ImageFiles` for an image that could not be read."""
 
     index: int
     path: str
@@ -165,6 +167,35 @@ class CXRDataset(Dataset):
     def cache_bytes(self) -> int:
         """Memory held by the cache."""
         return sum(a.nbytes for a in self._cached if a is not None)
+
+
+class ImageFiles(Dataset):
+    """Unlabelled image files for inference (``qing predict``).
+
+    Items are dicts ``{"image": (C, H, W) float, "index": int}`` or a :class:`BadImage` when the file
+    cannot be read: undecodable, vanished since it was listed, a DICOM without pydicom, odd pixel data.
+
+    Args:
+        paths: The image files.
+        transform: From :func:`qing.data.build_transforms`; its channel count sets how images are read.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: ImageTransform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Union[dict[str, Any], BadImage]:
+        path = self.paths[index]
+        try:
+            image = load_image(path, channels=self.transform.channels)
+            return {"image": self.transform(image), "index": index}
+        except ImageLoadError as err:
+            return BadImage(index, str(path), err.reason)
+        except (OSError, ImportError, ValueError) as err:  # vanished file, pydicom missing, odd pixel data
+            return BadImage(index, str(path), str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 def collate_skip_bad(items: Sequence[Union[dict[str, Any], BadImage]]) -> dict[str, Any]:

@@ -1,6 +1,16 @@
-"""Evaluation: probabilities, thresholds chosen on validation data, metrics, plots and reports.
+"""Evaluation: logits over a loader, probabilities, thresholds chosen on validation data, metrics, plots
+and reports.
 
-Typical use after training::
+In one call, from a model and loaders (what the trainer and ``qing eval`` do)::
+
+    from qing.evaluate import collect_logits, evaluate_logits
+
+    val, test = collect_logits(model, val_loader), collect_logits(model, test_loader)
+    result = evaluate_logits(test.logits, test_targets[test.indices], task=task, label_names=names,
+                             val_logits=val.logits, val_targets=val_targets[val.indices])
+    result.write_report(run_dir / "report", history=history, model=model, images=some_images)
+
+Step by step::
 
     from qing.evaluate import probabilities, choose_thresholds, compute_metrics, write_report
 
@@ -13,6 +23,16 @@ Typical use after training::
                  label_names=names, task=task, history=history, model=model, images=some_images)
 """
 
+from qing.evaluate.evaluation import SUMMARY_METRICS, Evaluation, evaluate_logits
+from qing.evaluate.inference import (
+    Batch,
+    CUDAUnavailableError,
+    LoaderLogits,
+    autocast,
+    collect_logits,
+    iter_logits,
+    resolve_device,
+)
 from qing.evaluate.metrics import auroc_bootstrap, compute_metrics, probabilities
 from qing.evaluate.plots import (
     curve_groups,
@@ -26,16 +46,26 @@ from qing.evaluate.thresholds import THRESHOLD_METHODS, choose_thresholds, thres
 
 __all__ = [
     "DISCLAIMER",
+    "SUMMARY_METRICS",
     "THRESHOLD_METHODS",
+    "Batch",
+    "CUDAUnavailableError",
+    "Evaluation",
+    "LoaderLogits",
     "auroc_bootstrap",
+    "autocast",
     "choose_thresholds",
+    "collect_logits",
     "compute_metrics",
     "curve_groups",
+    "evaluate_logits",
+    "iter_logits",
     "plot_confusion_matrix",
     "plot_pr_curves",
     "plot_roc_curves",
     "plot_training_curves",
     "probabilities",
+    "resolve_device",
     "threshold_method_name",
     "write_report",
 ]

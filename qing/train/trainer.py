@@ -1,10 +1,10 @@
 """The Trainer: fine-tune a qing (or timm) model on chest X-rays, on one process or many.
 
-``Trainer(config).fit()`` runs the whole job::
+``Trainer(config)`` builds everything, ``.fit()`` runs the whole job::
 
     data (qing.data.load_splits)  ->  model (qing.create_model, freezing)  ->  epochs of
-    train + validate  ->  checkpoints/{best,last}  ->  thresholds chosen on validation  ->
-    test metrics  ->  report/ (qing.evaluate.write_report)
+    train + validate (qing.evaluate.collect_logits)  ->  checkpoints/{best,last}  ->  thresholds
+    chosen on validation, test metrics, report/ (qing.evaluate.evaluate_logits)
 
 Launched with ``torchrun --nproc_per_node N``, every process runs the same code: each trains
 on its shard of every global batch (``DistributedSampler``), gradients are averaged by
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
@@ -33,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-import qing
+from qing._factory import create_model
 from qing.data import (
     BadFileLog,
     BadImage,
@@ -45,12 +44,18 @@ from qing.data import (
     load_splits,
     resolve_image_config,
 )
-from qing.evaluate import choose_thresholds, compute_metrics, probabilities, threshold_method_name, write_report
+from qing.evaluate import (
+    CUDAUnavailableError,
+    Evaluation,
+    autocast,
+    collect_logits,
+    evaluate_logits,
+    resolve_device,
+)
 from qing.meta import set_meta
 from qing.train.checkpoint import find_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from qing.train.config import TrainConfig
 from qing.train.distributed import (
-    DistEnv,
     all_gather_objects,
     all_reduce_mean,
     barrier,
@@ -130,27 +135,90 @@ class RunResult:
 class Trainer:
     """Fine-tune a model as described by a :class:`TrainConfig`.
 
+    Building a trainer builds everything the run needs, one named step after another (as torchgeo's
+    ``BaseTask`` does): the device, the ``torchrun`` job (if any), the data splits, the model, the
+    transforms, datasets and loaders, the loss, optimizer, LR schedule, gradient scaler, EMA and early
+    stopper, and the DDP / ``torch.compile`` wrapping. So ``Trainer(config).model``, ``.datasets``,
+    ``.loaders`` and ``.optimizer`` can be looked at before :meth:`fit`, and a configuration error is
+    raised here, before the run folder is touched. :meth:`fit` claims the run folder, resumes when
+    asked, trains, tests and reports; it runs once per trainer, and leaves the ``torchrun`` job.
+
     Args:
         config: The run.
         callbacks: :class:`Callback` objects.
+
+    Attributes:
+        config: The run.
+        callbacks: The :class:`Callback` objects.
+        device: Where the model trains.
+        env: This process's place in a ``torchrun`` job (:class:`~qing.train.DistEnv`).
+        splits: The data splits (:func:`qing.data.load_splits`).
+        data_config: The model's preprocessing (input size, mean, std, ...).
+        amp_dtype: The autocast dtype, ``None`` for float32.
+        datasets: ``{"train", "val", "test"}`` datasets.
+        loaders: Their DataLoaders (each process's shard).
+        loss_fn: The loss.
+        optimizer: The optimizer.
+        schedule: The LR schedule (:class:`~qing.train.LRSchedule`).
+        scaler: The float16 gradient scaler, else ``None``.
+        ema: The EMA of the weights (``ema``), else ``None``.
+        stopper: The early stopper.
+        train_model: What the training steps call: the model wrapped in SyncBatchNorm, DDP and
+            ``torch.compile`` as configured.
+        history: One dict per finished epoch.
+        global_step: Optimizer updates so far.
+        start_epoch: The first epoch :meth:`fit` trains (0-based; later when resumed).
+        stopped_early: Whether early stopping ended the run.
+        bad_files: The unreadable images met so far.
+        tb: The TensorBoard logger while :meth:`fit` runs, else ``None``.
+        tb_images: The validation images TensorBoard shows while :meth:`fit` runs, else ``None``.
 
     Example:
         >>> from qing.train import TrainConfig, Trainer
         >>> cfg = TrainConfig(model="qing_test_tr1", img_size=64, epochs=2,
         ...                   data={"root": "demo_data"}, output_dir="runs/demo")
-        >>> result = Trainer(cfg).fit()  # doctest: +SKIP
+        >>> trainer = Trainer(cfg)  # doctest: +SKIP
+        >>> len(trainer.loaders["train"]), trainer.optimizer  # doctest: +SKIP
+        >>> result = trainer.fit()  # doctest: +SKIP
         >>> result.test_metrics["roc_auc"]  # doctest: +SKIP
     """
 
     def __init__(self, config: TrainConfig, *, callbacks: Sequence[Callback] = ()) -> None:
         self.config = config
         self.callbacks = list(callbacks)
-        self.env = DistEnv()
+        # the progress of the run: fit() advances it, a resumed checkpoint restores it
         self.history: list[dict[str, Any]] = []
         self.global_step = 0
         self.start_epoch = 0
         self.stopped_early = False
         self.bad_files = BadFileLog()
+        # what exists only while fit() runs
+        self.tb: Optional[TensorBoardLogger] = None
+        self.tb_images: Optional[torch.Tensor] = None
+        self._fitted = False
+        self._setup_records: list[logging.LogRecord] = []  # what building logged, for train.log
+
+        self.device = self._resolve_device()
+        self.env = init_distributed(self.device.type)
+        try:
+            with self._record_setup_log():
+                self._set_determinism()
+                self.splits = self._load_splits()
+                self._model = self._create_model(self.splits)
+                self.data_config = resolve_image_config(self._model, img_size=config.img_size)
+                self.amp_dtype = self._resolve_amp()
+                self.datasets = self._build_datasets()
+                self.loaders = self._build_loaders()
+                self.loss_fn = self._build_loss()
+                self.optimizer = self._build_optimizer()
+                self.schedule = self._build_schedule()
+                self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+                self.ema = ModelEmaV3(self._model, decay=config.ema_decay) if config.ema else None
+                self.stopper = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience)
+                self.train_model = self._wrap_model()
+        except BaseException:
+            shutdown_distributed(self.env)
+            raise
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -163,24 +231,32 @@ class Trainer:
         Raises:
             NonFiniteLossError: The loss became NaN/inf (``checkpoints/last`` keeps the last good epoch).
             FileExistsError: ``output_dir`` holds an earlier run and neither ``resume`` nor ``overwrite`` is set.
+            RuntimeError: ``fit()`` already ran on this trainer.
         """
-        self.device = self._resolve_device()
-        self.env = init_distributed(self.device.type)
-        self.tb: Optional[TensorBoardLogger] = None
+        if self._fitted:
+            raise RuntimeError("fit() already ran on this Trainer; create a new one (resume=True continues its run)")
+        self._fitted = True
+        cfg = self.config
         try:
             last = self._check_run_dir()
-            self._load_data_and_model()  # configuration errors surface before the run folder is touched
             self._claim_run_dir()
             with self._log_to_file():
                 _log.info(
                     "training %s (%.2fM parameters, %.2fM trainable) on %s x %d process(es); %s: %s, outputs %s, "
                     "%d train / %d val / %d test images",
-                    self.config.model, _millions(self._model.parameters()),
+                    cfg.model, _millions(self._model.parameters()),
                     _millions(p for p in self._model.parameters() if p.requires_grad), self.device,
                     self.env.world_size, self.splits.source, self.splits.task, self.splits.label_names,
                     len(self.splits.train), len(self.splits.val), len(self.splits.test),
                 )  # fmt: skip
-                self._prepare(last)
+                if last is not None:
+                    self._resume(last)
+                self.tb = TensorBoardLogger(
+                    cfg.tensorboard_path,
+                    enabled=cfg.tensorboard and self.env.is_main,
+                    purge_step=self.global_step + 1 if last is not None else None,
+                )
+                self.tb_images = self._sample_images("val", cfg.log_images)
                 self._train_loop()
                 return self._finish()
         finally:
@@ -198,74 +274,176 @@ class Trainer:
         """What is validated and saved as best: the EMA weights if ``ema``, else the model."""
         return self.ema.module if self.ema is not None else self._model
 
-    # ---- setup -------------------------------------------------------------------------------
+    # ---- setup: the steps of __init__, in order ------------------------------------------------
 
     def _resolve_device(self) -> torch.device:
-        wanted = self.config.device
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if wanted == "auto":
-            wanted = "cuda" if torch.cuda.is_available() else "cpu"
-        if wanted.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"device={self.config.device!r} but CUDA is not available; use device='cpu'")
-            device = torch.device(wanted if ":" in wanted else f"cuda:{local_rank}")
+        try:
+            device = resolve_device(self.config.device, local_rank=local_rank)
+        except CUDAUnavailableError as err:
+            raise RuntimeError(f"device={self.config.device!r} but CUDA is not available; use device='cpu'") from err
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-            return device
-        return torch.device(wanted)
+        return device
 
     @contextlib.contextmanager
-    def _log_to_file(self) -> Iterator[None]:
-        logger = logging.getLogger("qing")
-        handler = None
-        old_level = logger.level
-        if self.env.is_main:
-            self.config.run_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(self.config.run_dir / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(handler)
-            if logger.level == logging.NOTSET or logger.level > logging.INFO:
-                logger.setLevel(logging.INFO)
-        try:
+    def _record_setup_log(self) -> Iterator[None]:
+        """Rank 0: log at INFO while the trainer is built (as :meth:`fit` does); keep the records for ``train.log``."""
+        if not self.env.is_main:
             yield
-        finally:
-            if handler is not None:
-                logger.removeHandler(handler)
-                handler.close()
-                logger.setLevel(old_level)
+            return
+        with _qing_log_to(_Records(self._setup_records)):
+            yield
 
-    def _load_data_and_model(self) -> None:
-        cfg = self.config
-        if cfg.deterministic:
+    def _set_determinism(self) -> None:
+        if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.splits = load_splits(cfg.data)
-        self.bad_files.update(self.splits.bad_files.to_list())
-        if cfg.num_classes is not None and cfg.num_classes != self.splits.num_outputs:
-            raise ValueError(
-                f"num_classes={cfg.num_classes} but the data has {self.splits.num_outputs} output(s) "
-                f"({self.splits.task}: {self.splits.label_names})"
-            )
-        self._model = self._create_model(self.splits)
 
-    def _prepare(self, last: Optional[Path]) -> None:
+    def _load_splits(self) -> DataSplits:
         cfg = self.config
-        self.amp_dtype = self._resolve_amp()
-        self.data_config = resolve_image_config(self._model, img_size=cfg.img_size)
-        self._build_data()
-        self.loss_fn = self._build_loss()
+        splits = load_splits(cfg.data)
+        self.bad_files.update(splits.bad_files.to_list())
+        if cfg.num_classes is not None and cfg.num_classes != splits.num_outputs:
+            raise ValueError(
+                f"num_classes={cfg.num_classes} but the data has {splits.num_outputs} output(s) "
+                f"({splits.task}: {splits.label_names})"
+            )
+        return splits
 
-        self.optimizer = build_optimizer(
+    def _create_model(self, splits: DataSplits) -> nn.Module:
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            key: getattr(cfg, key)
+            for key in ("embed_dim", "num_heads", "mlp_dim", "depth", "drop_rate", "drop_path_rate")
+            if getattr(cfg, key) is not None
+        }
+        kwargs.update(cfg.model_args)
+        kwargs.update(num_classes=splits.num_outputs, in_chans=cfg.in_chans)
+        if cfg.img_size and cfg.model.startswith("qing_"):
+            kwargs["img_size"] = cfg.img_size
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})  # model_args may set preprocessing
+        if cfg.pretrained_file:
+            if not Path(cfg.pretrained_file).is_file():
+                raise FileNotFoundError(f"pretrained_file not found: {cfg.pretrained_file}")
+            if not cfg.pretrained:
+                raise ValueError("pretrained_file is set but pretrained=False; set pretrained=True to load it")
+            overlay["file"] = str(cfg.pretrained_file)
+        overlay = overlay or None
+        random_seed(cfg.seed, 0)  # the same initial weights on every process
+        model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+        data_cfg = resolve_image_config(model, img_size=cfg.img_size)
+        model.pretrained_cfg = {
+            **model.pretrained_cfg,
+            **{k: data_cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")},
+            "num_classes": splits.num_outputs,
+            "label_names": tuple(splits.label_names),
+        }
+        negative = splits.class_names[0] if splits.task == "binary" else None
+        set_meta(model, task=splits.task, datasets=[_dataset_name(cfg)], negative_label=negative)
+        if cfg.freeze_backbone:
+            if not hasattr(model, "freeze_backbone"):
+                raise ValueError(f"freeze_backbone needs a qing CNN-Transformer; {cfg.model} has no freeze_backbone()")
+            if not cfg.pretrained:
+                _log.warning(
+                    "freeze_backbone=True with pretrained=False freezes a randomly initialized backbone; "
+                    "set pretrained=True (and pretrained_file) or freeze_backbone=False"
+                )
+            model.freeze_backbone(cfg.trainable_backbone_layers)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def _resolve_amp(self) -> Optional[torch.dtype]:
+        amp = self.config.amp
+        if self.device.type != "cuda":
+            if amp in ("bf16", "fp16"):
+                _log.warning("amp=%r needs CUDA; training in float32 on %s", amp, self.device)
+            return None
+        if amp == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    def _build_datasets(self) -> dict[str, CXRDataset]:
+        cfg, data = self.config, self.config.data
+        train_tf = build_transforms(
             self._model,
-            name=cfg.optimizer,
-            lr=cfg.lr,
-            backbone_lr=cfg.backbone_lr,
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum,
+            train=True,
+            img_size=cfg.img_size,
+            rotation=data.rotation,
+            translate=data.translate,
+            scale=data.scale,
+            hflip_prob=data.hflip_prob,
         )
+        eval_tf = build_transforms(self._model, train=False, img_size=cfg.img_size)
+        datasets = build_datasets(
+            self.splits, train_transform=train_tf, eval_transform=eval_tf, cache=data.cache_images
+        )
+        self.bad_files.update(self.splits.bad_files.to_list())
+        return datasets
+
+    def _build_loaders(self) -> dict[str, DataLoader]:
+        cfg = self.config
+        if cfg.batch_size % self.env.world_size:
+            raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {self.env.world_size} processes")
+        per_rank = cfg.batch_size // self.env.world_size
+        n_train = len(self.datasets["train"])
+        if cfg.drop_last and n_train < cfg.batch_size:
+            raise ValueError(
+                f"the train split has {n_train} images, fewer than one batch of {cfg.batch_size}; "
+                "lower batch_size or set drop_last=False"
+            )
+        loaders: dict[str, DataLoader] = {}
+        for name, dataset in self.datasets.items():
+            train = name == "train"
+            sampler = DistributedSampler(
+                dataset, num_replicas=self.env.world_size, rank=self.env.rank, shuffle=train, seed=cfg.seed
+            )
+            loaders[name] = DataLoader(
+                dataset,
+                batch_size=per_rank,
+                sampler=sampler,
+                num_workers=cfg.data.num_workers,
+                collate_fn=collate_skip_bad,
+                pin_memory=self.device.type == "cuda",
+                drop_last=train and cfg.drop_last,
+            )
+        return loaders
+
+    def _build_loss(self) -> nn.Module:
+        cfg, task = self.config, self.splits.task
+        if task == "multiclass":
+            if cfg.pos_weight is not None:
+                raise ValueError("pos_weight applies to binary and multilabel tasks, not multiclass")
+            return nn.CrossEntropyLoss()
+        pos_weight = None
+        if cfg.pos_weight == "auto":
+            targets = self.datasets["train"].targets
+            positives = targets.sum(dim=0)
+            if (positives == 0).any():
+                empty = [n for n, p in zip(self.splits.label_names, positives) if p == 0]
+                raise ValueError(f"pos_weight='auto': no positive training images for {empty}")
+            pos_weight = (len(targets) - positives) / positives
+            _log.info("pos_weight (negatives/positives in train): %s", [round(float(w), 3) for w in pos_weight])
+        elif cfg.pos_weight is not None:
+            values = cfg.pos_weight if isinstance(cfg.pos_weight, list) else [cfg.pos_weight]
+            if len(values) not in (1, self.splits.num_outputs):
+                raise ValueError(f"pos_weight has {len(values)} values for {self.splits.num_outputs} outputs")
+            pos_weight = torch.tensor(values, dtype=torch.float32).expand(self.splits.num_outputs).clone()
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight.to(self.device) if pos_weight is not None else None)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        options = {key: getattr(cfg, key) for key in ("lr", "backbone_lr", "weight_decay", "momentum")}
+        return build_optimizer(self._model, name=cfg.optimizer, **options)
+
+    def _build_schedule(self) -> LRSchedule:
+        cfg = self.config
         steps_per_epoch = len(self.loaders["train"])
-        self.schedule = LRSchedule(
+        schedule = LRSchedule(
             self.optimizer,
             kind=cfg.scheduler,
             total_steps=steps_per_epoch * cfg.epochs,
@@ -274,30 +452,39 @@ class Trainer:
             plateau_factor=cfg.plateau_factor,
             plateau_patience=cfg.plateau_patience,
         )
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.ema = ModelEmaV3(self._model, decay=cfg.ema_decay) if cfg.ema else None
-        self.stopper = EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience)
-        if last is not None:
-            self._resume(last)
-        self.schedule.step_update(self.global_step)
+        schedule.step_update(self.global_step)  # the LR of the first update (the start of the warmup)
+        return schedule
 
-        self.train_model: nn.Module = self._model
+    def _wrap_model(self) -> nn.Module:
+        """What the training steps call: the model with SyncBatchNorm, in DDP and compiled, as configured."""
+        cfg = self.config
+        model: nn.Module = self._model
         if cfg.sync_batchnorm and self.env.enabled:
             if self.device.type != "cuda":
                 raise ValueError("sync_batchnorm needs CUDA; on CPU freeze the backbone (frozen BatchNorm) instead")
-            self.train_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_model)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.env.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+            model = DistributedDataParallel(model, device_ids=ids)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            model = torch.compile(model)
+        return model
 
-        self.tb = TensorBoardLogger(
-            cfg.tensorboard_path,
-            enabled=cfg.tensorboard and self.env.is_main,
-            purge_step=self.global_step + 1 if last is not None else None,
-        )
-        self.tb_images = self._sample_images("val", cfg.log_images)
+    # ---- the run folder (fit) ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _log_to_file(self) -> Iterator[None]:
+        """Rank 0: ``train.log`` in the run folder gets what building the trainer logged, then the run's log."""
+        if not self.env.is_main:
+            yield
+            return
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.config.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for record in self._setup_records:
+            handler.handle(record)
+        with _qing_log_to(handler):
+            yield
 
     def _check_run_dir(self) -> Optional[Path]:
         """Refuse to clobber an earlier run; returns the checkpoint to resume from, if any.
@@ -337,123 +524,6 @@ class Trainer:
             cfg.save(cfg.run_dir / "config.yaml")
         barrier(self.env)
 
-    def _create_model(self, splits: DataSplits) -> nn.Module:
-        cfg = self.config
-        kwargs: dict[str, Any] = {
-            key: getattr(cfg, key)
-            for key in ("embed_dim", "num_heads", "mlp_dim", "depth", "drop_rate", "drop_path_rate")
-            if getattr(cfg, key) is not None
-        }
-        kwargs.update(cfg.model_args)
-        kwargs.update(num_classes=splits.num_outputs, in_chans=cfg.in_chans)
-        if cfg.img_size and cfg.model.startswith("qing_"):
-            kwargs["img_size"] = cfg.img_size
-        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})  # model_args may set preprocessing
-        if cfg.pretrained_file:
-            if not Path(cfg.pretrained_file).is_file():
-                raise FileNotFoundError(f"pretrained_file not found: {cfg.pretrained_file}")
-            if not cfg.pretrained:
-                raise ValueError("pretrained_file is set but pretrained=False; set pretrained=True to load it")
-            overlay["file"] = str(cfg.pretrained_file)
-        overlay = overlay or None
-        random_seed(cfg.seed, 0)  # the same initial weights on every process
-        model = qing.create_model(cfg.model, pretrained=cfg.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
-        data_cfg = resolve_image_config(model, img_size=cfg.img_size)
-        model.pretrained_cfg = {
-            **model.pretrained_cfg,
-            **{k: data_cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")},
-            "num_classes": splits.num_outputs,
-            "label_names": tuple(splits.label_names),
-        }
-        negative = splits.class_names[0] if splits.task == "binary" else None
-        set_meta(model, task=splits.task, datasets=[_dataset_name(cfg)], negative_label=negative)
-        if cfg.freeze_backbone:
-            if not hasattr(model, "freeze_backbone"):
-                raise ValueError(f"freeze_backbone needs a qing CNN-Transformer; {cfg.model} has no freeze_backbone()")
-            if not cfg.pretrained:
-                _log.warning(
-                    "freeze_backbone=True with pretrained=False freezes a randomly initialized backbone; "
-                    "set pretrained=True (and pretrained_file) or freeze_backbone=False"
-                )
-            model.freeze_backbone(cfg.trainable_backbone_layers)
-        model.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        return model
-
-    def _resolve_amp(self) -> Optional[torch.dtype]:
-        amp = self.config.amp
-        if self.device.type != "cuda":
-            if amp in ("bf16", "fp16"):
-                _log.warning("amp=%r needs CUDA; training in float32 on %s", amp, self.device)
-            return None
-        if amp == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-    def _build_data(self) -> None:
-        cfg, data = self.config, self.config.data
-        train_tf = build_transforms(
-            self._model,
-            train=True,
-            img_size=cfg.img_size,
-            rotation=data.rotation,
-            translate=data.translate,
-            scale=data.scale,
-            hflip_prob=data.hflip_prob,
-        )
-        eval_tf = build_transforms(self._model, train=False, img_size=cfg.img_size)
-        self.datasets = build_datasets(
-            self.splits, train_transform=train_tf, eval_transform=eval_tf, cache=data.cache_images
-        )
-        self.bad_files.update(self.splits.bad_files.to_list())
-        if cfg.batch_size % self.env.world_size:
-            raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {self.env.world_size} processes")
-        per_rank = cfg.batch_size // self.env.world_size
-        n_train = len(self.datasets["train"])
-        if cfg.drop_last and n_train < cfg.batch_size:
-            raise ValueError(
-                f"the train split has {n_train} images, fewer than one batch of {cfg.batch_size}; "
-                "lower batch_size or set drop_last=False"
-            )
-        self.loaders: dict[str, DataLoader] = {}
-        for name, dataset in self.datasets.items():
-            train = name == "train"
-            sampler = DistributedSampler(
-                dataset, num_replicas=self.env.world_size, rank=self.env.rank, shuffle=train, seed=cfg.seed
-            )
-            self.loaders[name] = DataLoader(
-                dataset,
-                batch_size=per_rank,
-                sampler=sampler,
-                num_workers=data.num_workers,
-                collate_fn=collate_skip_bad,
-                pin_memory=self.device.type == "cuda",
-                drop_last=train and cfg.drop_last,
-            )
-
-    def _build_loss(self) -> nn.Module:
-        cfg, task = self.config, self.splits.task
-        if task == "multiclass":
-            if cfg.pos_weight is not None:
-                raise ValueError("pos_weight applies to binary and multilabel tasks, not multiclass")
-            return nn.CrossEntropyLoss()
-        pos_weight = None
-        if cfg.pos_weight == "auto":
-            targets = self.datasets["train"].targets
-            positives = targets.sum(dim=0)
-            if (positives == 0).any():
-                empty = [n for n, p in zip(self.splits.label_names, positives) if p == 0]
-                raise ValueError(f"pos_weight='auto': no positive training images for {empty}")
-            pos_weight = (len(targets) - positives) / positives
-            _log.info("pos_weight (negatives/positives in train): %s", [round(float(w), 3) for w in pos_weight])
-        elif cfg.pos_weight is not None:
-            values = cfg.pos_weight if isinstance(cfg.pos_weight, list) else [cfg.pos_weight]
-            if len(values) not in (1, self.splits.num_outputs):
-                raise ValueError(f"pos_weight has {len(values)} values for {self.splits.num_outputs} outputs")
-            pos_weight = torch.tensor(values, dtype=torch.float32).expand(self.splits.num_outputs).clone()
-        return nn.BCEWithLogitsLoss(pos_weight=pos_weight.to(self.device) if pos_weight is not None else None)
-
     def _resume(self, last: Path) -> None:
         state = load_training_state(last)
         differing = _config_differences(state.get("config", {}), self.config.to_dict())
@@ -471,6 +541,7 @@ class Trainer:
         self.stopper.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])
         self.global_step = int(state["global_step"])
+        self.schedule.step_update(self.global_step)
         self.start_epoch = int(state["epoch"])
         self.stopped_early = bool(state.get("stopped_early", False))
         self.bad_files.update(state.get("bad_files", []))
@@ -542,9 +613,7 @@ class Trainer:
         random_seed(self.config.seed + 1000 * (epoch + 1), self.env.rank)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
@@ -641,7 +710,6 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def predict(self, split: str, model: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets of a split, gathered from all processes, in dataset order.
 
@@ -655,22 +723,17 @@ class Trainer:
             ``(logits (N, C) float32 CPU, targets)``, targets as in :func:`qing.data.encode_targets`.
         """
         model = model if model is not None else self.eval_model
-        was_training = model.training
-        model.eval()
-        indices, outputs = [], []
-        for batch in self.loaders[split]:
-            self._record_bad(batch["bad"])
-            if batch["image"] is None:
-                continue
-            with self._autocast():
-                logits = model(self._to_device(batch["image"]))
-            indices.append(batch["index"])
-            outputs.append(logits.float().cpu())
-        model.train(was_training)
-        local = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long), _cat(outputs))
+        local = collect_logits(
+            model,
+            self.loaders[split],
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.config.channels_last,
+        )
+        self._record_bad(local.bad)
         merged: dict[int, torch.Tensor] = {}
-        for idx, out in all_gather_objects(local, self.env):
-            merged.update(zip(idx.tolist(), out))  # DistributedSampler pads with repeats: keep one
+        for indices, logits in all_gather_objects((local.indices, local.logits), self.env):
+            merged.update(zip(indices.tolist(), logits))  # DistributedSampler pads with repeats: keep one
         order = sorted(merged)
         if not order:
             raise RuntimeError(f"no readable images in the {split} split")
@@ -679,22 +742,22 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         logits, targets = self.predict("val")
         loss = float(self.loss_fn(logits.to(self.device), targets.to(self.device)))
-        metrics = self._metrics(logits, targets, n_bootstrap=0)
+        metrics = self._evaluate(logits, targets, n_bootstrap=0).metrics
         out = {"val_loss": loss}
         for name, key in VAL_METRICS.items():
             value = metrics.get(key)
             out[f"val_{name}"] = float(value) if isinstance(value, (int, float)) else float("nan")
         return out
 
-    def _metrics(self, logits: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
+    def _evaluate(self, logits: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> Evaluation:
+        """:func:`qing.evaluate.evaluate_logits` with the task, labels and negative class of the data."""
         task = self.splits.task
-        negative = self.splits.class_names[0] if task == "binary" else None
-        return compute_metrics(
-            _evaluate_targets(targets),
-            probabilities(logits.numpy(), task),
+        return evaluate_logits(
+            logits,
+            targets,
             task=task,
             label_names=self.splits.label_names,
-            negative_label=negative,
+            negative_label=self.splits.class_names[0] if task == "binary" else None,
             **kwargs,
         )
 
@@ -742,31 +805,24 @@ class Trainer:
         load_model_weights(best, model)
         thresholds = metrics = report = None
         if cfg.report:
-            task = self.splits.task
             val_logits, val_targets = self.predict("val", model)
-            thresholds = choose_thresholds(
-                _evaluate_targets(val_targets),
-                probabilities(val_logits.numpy(), task),
-                task=task,
-                method=cfg.threshold_method,
-                target_sensitivity=cfg.target_sensitivity,
-                label_names=self.splits.label_names,
-            )
-            method = threshold_method_name(cfg.threshold_method, cfg.target_sensitivity)
             test_logits, test_targets = self.predict("test", model)
             for entry in all_gather_objects(self.bad_files.to_list(), self.env):
                 self.bad_files.update(entry)
+            outcome = None
             if self.env.is_main:
-                metrics = self._metrics(
+                evaluation = self._evaluate(
                     test_logits,
                     test_targets,
-                    thresholds=thresholds or None,
-                    threshold_method=method if thresholds else None,
+                    val_logits=val_logits,
+                    val_targets=val_targets,
+                    method=cfg.threshold_method,
+                    target_sensitivity=cfg.target_sensitivity,
                     n_bootstrap=cfg.n_bootstrap,
                     seed=cfg.seed,
                 )
-                report = self._write_outputs(best, model, metrics, thresholds, method, test_logits, test_targets)
-            metrics, report = all_gather_objects((metrics, report), self.env)[0]
+                outcome = (evaluation.thresholds, evaluation.metrics, self._write_outputs(best, model, evaluation))
+            thresholds, metrics, report = all_gather_objects(outcome, self.env)[0]
         barrier(self.env)
         return RunResult(
             run_dir=cfg.run_dir,
@@ -784,44 +840,16 @@ class Trainer:
             bad_files=self.bad_files.to_list(),
         )
 
-    def _write_outputs(
-        self,
-        best: Path,
-        model: nn.Module,
-        metrics: dict[str, Any],
-        thresholds: list[float],
-        method: str,
-        test_logits: torch.Tensor,
-        test_targets: torch.Tensor,
-    ) -> Path:
+    def _write_outputs(self, best: Path, model: nn.Module, evaluation: Evaluation) -> Path:
         """Store thresholds + metrics with the best checkpoint and write the report (rank 0)."""
-        cfg, task = self.config, self.splits.task
-        summary = {
-            f"test_{k}": metrics[k]
-            for k in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "f1")
-            if isinstance(metrics.get(k), (int, float))
-        }
-        if metrics.get("roc_auc_ci"):
-            summary["test_roc_auc_ci"] = metrics["roc_auc_ci"]
-        summary["n_test"] = metrics["n_samples"]
-        set_meta(
-            model,
-            task=task,
-            thresholds=thresholds or None,
-            threshold_method=method if thresholds else None,
-            metrics=summary,
-        )
+        cfg = self.config
+        evaluation.store(model)
         state = {"epoch": self.stopper.best_epoch, "monitor": self.stopper.metric, "value": self.stopper.best}
         save_checkpoint(best, model, training_state=state, model_card=True, **self._checkpoint_kwargs())
         images = self._sample_images("test", min(_REPORT_IMAGES, cfg.log_images))
         explainable = images is not None and hasattr(model, "forward_attention")
-        report = write_report(
+        report = evaluation.write_report(
             cfg.report_path,
-            metrics=metrics,
-            targets=_evaluate_targets(test_targets),
-            probs=probabilities(test_logits.numpy(), task),
-            label_names=self.splits.label_names,
-            task=task,
             history=self.history,
             model=model if explainable else None,
             images=images if explainable else None,
@@ -853,21 +881,39 @@ class Trainer:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
+class _Records(logging.Handler):
+    """Keeps the records it handles in a list."""
+
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _qing_log_to(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` on the ``qing`` logger, which logs at INFO (at least) meanwhile; closed at the end."""
+    logger = logging.getLogger("qing")
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(old_level)
+
+
 def _millions(params: Iterator[nn.Parameter]) -> float:
     return sum(p.numel() for p in params) / 1e6
 
 
-def _cat(outputs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(outputs) if outputs else torch.zeros(0)
-
-
 def _non_empty(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
-
-
-def _evaluate_targets(targets: torch.Tensor) -> np.ndarray:
-    """Dataset targets -> qing.evaluate's: ``(N, C)`` 0/1 ints, or ``(N,)`` class indices."""
-    return targets.numpy().astype(np.int64)
 
 
 def _dataset_name(cfg: TrainConfig) -> str:
