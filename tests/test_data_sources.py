@@ -318,7 +318,11 @@ def test_find_images_recursive_sorted_without_hidden_or_other_files(tmp_path):
     for rel in ["b/2.png", "b/1.JPG", "a.dcm", "a/c/3.jpeg", ".hidden/4.png", "b/.5.png", "notes.txt", "b/6.csv"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    (tmp_path / "linked").symlink_to(tmp_path / "a", target_is_directory=True)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "d").mkdir(parents=True, exist_ok=True)
+    (outside / "d" / "7.png").write_bytes(b"")
+    (tmp_path / "linked").symlink_to(tmp_path / "a", target_is_directory=True)  # a is walked already: once only
+    (tmp_path / "more").symlink_to(outside, target_is_directory=True)  # a folder elsewhere: followed
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
-    assert found == ["a.dcm", "a/c/3.jpeg", "b/1.JPG", "b/2.png", "linked/c/3.jpeg"]
+    assert found == ["a.dcm", "a/c/3.jpeg", "b/1.JPG", "b/2.png", "more/d/7.png"]
     assert find_images(tmp_path / "missing") == []
