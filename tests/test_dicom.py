@@ -61,6 +61,12 @@ def test_the_claimed_syntaxes_are_the_tested_ones():
         assert uid.UID(syntax.uid).is_transfer_syntax, syntax
 
 
+def test_the_fine_tuning_guide_lists_each_syntax_with_its_decoder():
+    guide = (REPO_ROOT / "docs" / "guides" / "fine-tuning.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| [^|]+ \| `([\d.]+)` \| (\S+) \|$", guide, re.MULTILINE)}
+    assert rows == {s.uid: s.decoder for s in DICOM_TRANSFER_SYNTAXES}
+
+
 @pytest.mark.parametrize("transfer_syntax", list(_WRITTEN), ids=lambda u: uid.UID(u).name)
 def test_written_files_decode_in_every_claimed_syntax(tmp_path, transfer_syntax):
     pixels, bits, kwargs, tolerance = _WRITTEN[transfer_syntax]
