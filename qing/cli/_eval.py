@@ -50,9 +50,9 @@ examples:
   qing eval qing_chexnet_densenet121.chexnet test_list.txt --image-dir images/
 
 DATA is a folder of class folders, a CSV (a class-name column, one 0/1 column per model output, or
-NIH's "Finding Labels" column of |-separated findings, "No Finding" = none) or a ChestX-ray14 list file (image name, then one 0/1 per output). Class names must match the model's
-labels (a binary model: its positive class and one other). Decisions use the model's stored
-thresholds, else 0.5. The output folder gets report.html/report.md, metrics.json, figures and
+NIH's "Finding Labels" column of |-separated findings, "No Finding" = none) or a ChestX-ray14 list
+file (image name, then one 0/1 per output). Class names must match the model's labels (a binary
+model: its positive class and one other). Decisions use the model's stored thresholds, else 0.5. The output folder gets report.html/report.md, metrics.json, figures and
 predictions.csv.
 """
 
