@@ -285,7 +285,7 @@ def test_multiclass_run_with_a_plain_timm_model(tmp_path):
 
 
 def test_command_line_overrides():
-    from qing.train.__main__ import apply_overrides
+    from qing.train.config import apply_overrides
 
     values = apply_overrides({"data": {"root": "a"}}, ["epochs=3", "data.cache_images=true", "pos_weight=[1, 2.5]"])
     assert values == {"data": {"root": "a", "cache_images": True}, "epochs": 3, "pos_weight": [1, 2.5]}

@@ -16,6 +16,7 @@ from torch import nn
 
 from qing._factory import create_model
 from qing.convert import load_checkpoint_file
+from qing.evaluate import inference
 from qing.meta import get_meta
 
 _log = logging.getLogger("qing.cli")
@@ -95,8 +96,6 @@ def non_negative_int(text: str) -> int:
 
 def resolve_device(name: str) -> torch.device:
     """``--device``: :func:`qing.evaluate.resolve_device`, its errors worded for the command line."""
-    from qing.evaluate import inference  # here: keeps the CLI's start-up light (qing.evaluate loads sklearn)
-
     try:
         return inference.resolve_device(name)
     except inference.CUDAUnavailableError as err:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from qing._format import format_value
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_new_folder, short_path
+from qing.data import PATIENT_REGEX_SYNTHETIC, make_synthetic_cxr
+from qing.train import TrainConfig, Trainer
 
 EPILOG = """\
 examples:
@@ -79,9 +81,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qing.data import PATIENT_REGEX_SYNTHETIC, make_synthetic_cxr
-    from qing.train import TrainConfig, Trainer
-
     started = time.perf_counter()
     size = SIZES[args.size]
     out: Path = args.output

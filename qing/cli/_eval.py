@@ -40,6 +40,7 @@ from qing.data import (
     read_label_csv,
     read_list_file,
 )
+from qing.evaluate import collect_logits, evaluate_logits
 
 EPILOG = """\
 examples:
@@ -52,8 +53,8 @@ examples:
 DATA is a folder of class folders, a CSV (a class-name column, one 0/1 column per model output, or
 NIH's "Finding Labels" column of |-separated findings, "No Finding" = none) or a ChestX-ray14 list
 file (image name, then one 0/1 per output). Class names must match the model's labels (a binary
-model: its positive class and one other). Decisions use the model's stored thresholds, else 0.5. The output folder gets report.html/report.md, metrics.json, figures and
-predictions.csv.
+model: its positive class and one other). Decisions use the model's stored thresholds, else 0.5.
+The output folder gets report.html/report.md, metrics.json, figures and predictions.csv.
 """
 
 _SPLITS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -230,8 +231,6 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
 
 
 def run(args: argparse.Namespace) -> int:
-    from qing.evaluate import collect_logits, evaluate_logits  # here: keeps the CLI's start-up light (sklearn)
-
     out = args.output or Path(f"eval-{args.data.stem or 'data'}")
     check_new_folder(out, overwrite=args.overwrite)
     device = resolve_device(args.device)

@@ -30,6 +30,8 @@ from qing.cli._common import (
 )
 from qing.cli._inference import expand_inputs, inference_loader
 from qing.data import ImageFiles, ImageLoadError, ImageTransform, build_transforms, load_image
+from qing.evaluate import iter_logits, probabilities
+from qing.explain import class_token_heatmap, overlay
 
 EPILOG = """\
 examples:
@@ -133,8 +135,6 @@ def _heatmap_at_source_size(path: Path, heatmap: np.ndarray, transform: ImageTra
     The heatmap is mapped back through the eval transform's resize and crop (``source_box``); parts of
     the image the model did not see (a center crop's margins) are left untinted.
     """
-    from qing.explain import overlay  # here: keeps the CLI's start-up light (matplotlib)
-
     picture = np.asarray(load_image(path, channels=3))  # decoded again: the batch holds the resized input only
     height, width = picture.shape[:2]
     left, top, right, bottom = transform.source_box(width, height)
@@ -159,9 +159,6 @@ def _decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qing.evaluate import iter_logits, probabilities  # here: keeps the CLI's start-up light (sklearn)
-    from qing.explain import class_token_heatmap  # here: keeps start-up light (matplotlib)
-
     fmt = _output_format(args)
     if args.output is not None:
         check_new_file(args.output, overwrite=args.overwrite)

@@ -24,7 +24,7 @@ import yaml
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, short_path
 from qing.data import DataConfig
 from qing.train import PRESETS, TrainConfig, Trainer
-from qing.train.__main__ import apply_overrides
+from qing.train.config import apply_overrides
 
 EPILOG = """\
 examples:

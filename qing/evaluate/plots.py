@@ -249,17 +249,8 @@ def plot_pr_curves(
 ) -> Path:
     """Precision-recall curve per output (one-vs-rest for multiclass), average precision in the legend.
 
-    The dashed chance line is the label's prevalence.
-
-    Args:
-        targets: As for :func:`qing.evaluate.compute_metrics`.
-        probs: ``(N, C)`` probabilities.
-        path: PNG file to write.
-        task: ``"binary"``, ``"multilabel"`` or ``"multiclass"``.
-        label_names: ``C`` names.
-
-    Returns:
-        ``path``.
+    The dashed chance line is the label's prevalence. Arguments and result as for
+    :func:`plot_roc_curves` (which also marks thresholds).
     """
     return _plot_curves(
         targets, probs, path, task=task, label_names=label_names, display=PrecisionRecallDisplay,

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 from qing._format import MISSING, format_value
 from qing.evaluate.plots import plot_confusion_matrix, plot_pr_curves, plot_roc_curves, plot_training_curves
+from qing.explain import save_attention_overlays, save_feature_maps_figure
 from qing.version import __version__
 
 __all__ = ["DISCLAIMER", "MAX_REPORT_IMAGES", "write_report"]
@@ -309,8 +310,6 @@ def write_report(
     figures["pr"] = plot_pr_curves(targets, probs, out / "pr.png", task=task, label_names=label_names).name
     n_shown = 0
     if model is not None:
-        from qing.explain import save_attention_overlays, save_feature_maps_figure  # torch only when needed
-
         shown = images[:MAX_REPORT_IMAGES]
         n_shown = len(shown)
         figures["attention"] = save_attention_overlays(

@@ -11,7 +11,7 @@ From the shell (one process, or several with ``torchrun --nproc_per_node N -m qi
 """
 
 from qing.train.checkpoint import find_checkpoint, load_model_weights, load_training_state, save_checkpoint
-from qing.train.config import PRESETS, TrainConfig
+from qing.train.config import PRESETS, TrainConfig, apply_overrides
 from qing.train.distributed import DistEnv, init_distributed
 from qing.train.early_stopping import EarlyStopping
 from qing.train.optim import LRSchedule, build_optimizer, param_groups
@@ -27,6 +27,7 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "Trainer",
+    "apply_overrides",
     "build_optimizer",
     "find_checkpoint",
     "init_distributed",

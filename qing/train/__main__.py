@@ -5,26 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
-from qing.train.config import TrainConfig
+from qing.train.config import TrainConfig, apply_overrides
 from qing.train.trainer import Trainer
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings (YAML values; ``data.root=...`` for nested fields) to a config dict."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        target = values
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(raw)
-    return values
 
 
 def main(argv: Optional[list[str]] = None) -> int:

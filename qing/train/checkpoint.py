@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
@@ -44,7 +45,6 @@ __all__ = [
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
-WEIGHTS = "model.safetensors"
 
 
 def pack_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
@@ -160,12 +160,12 @@ def find_checkpoint(directory: Union[str, os.PathLike]) -> Optional[Path]:
             old = sorted(parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
             if old:
                 os.replace(old[-1], directory)
-    return directory if (directory / WEIGHTS).is_file() else None
+    return directory if (directory / SAFETENSORS_SINGLE_FILE).is_file() else None
 
 
 def load_model_weights(directory: Union[str, os.PathLike], model: nn.Module) -> None:
     """Load ``model.safetensors`` of a checkpoint into ``model`` (strict: every key must match)."""
-    state = load_file(Path(directory) / WEIGHTS)
+    state = load_file(Path(directory) / SAFETENSORS_SINGLE_FILE)
     unwrap_model(model).load_state_dict(state, strict=True)
 
 

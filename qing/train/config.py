@@ -39,7 +39,7 @@ import yaml
 
 from qing.data import DataConfig
 
-__all__ = ["PRESETS", "TrainConfig"]
+__all__ = ["PRESETS", "TrainConfig", "apply_overrides"]
 
 #: Named starting points. ``small_dataset`` is the original script's recipe: values marked
 #: "assumed" were not recorded in it and are our choice.
@@ -336,3 +336,17 @@ def _from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"unknown {where} field(s): {', '.join(hints)}")
     return cls(**values)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (YAML values; ``data.root=...`` for nested fields) to a config dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        target = values
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(raw)
+    return values

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-from qing import explain
+from qing import explain  # the module qing.explain
 
 __all__ = ["TensorBoardLogger"]
 
