@@ -243,3 +243,16 @@ def test_inverse_monochrome2_predicts_like_the_inverted_png(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(load_image(inverted, channels=3)), np.asarray(load_image(tmp_path / "same.png", channels=3))
     )
+
+
+def test_what_qing_cannot_show_is_found_by_the_header_check():
+    """Multi-frame and palette files are refused before any pixel is decoded (``load_splits`` skips them)."""
+    cases = {
+        "SC_rgb_rle_2frame.dcm": "multi-frame DICOM (2 frames) is not supported; export one frame",
+        "examples_palette.dcm": "unsupported PhotometricInterpretation 'PALETTE COLOR'",
+    }
+    for name, reason in cases.items():
+        path = get_testdata_file(name)
+        for check in (check_image_header, load_image):
+            with pytest.raises(ImageLoadError, match=re.escape(f"{name}: {reason}")):
+                check(path)

@@ -115,8 +115,8 @@ class FolderScan:
     Attributes:
         images: Image files (by name ending, or DICOM by the ``DICM`` preamble whatever the name), sorted.
         not_images: Other files (hidden ones are not listed): neither read nor counted as images.
-        loops: Symlinked folders not followed because they lead back to a folder already walked
-            (e.g. ``class_a/up -> ..``, which would put the other classes' images into ``class_a``).
+        loops: Folders not walked because they lead back to a folder already walked (a symbolic link
+            such as ``class_a/up -> ..``, which would put the other classes' images into ``class_a``).
     """
 
     images: list[Path] = field(default_factory=list)
@@ -140,7 +140,10 @@ def scan_folder(folder: PathLike) -> FolderScan:
             target = os.path.realpath(os.path.join(dirpath, name))
             if target in visited or os.path.commonpath([target, here]) == target:
                 link = Path(dirpath) / name
-                _log.warning("not following %s -> %s: it leads back to a folder already walked", link, target)
+                if link.is_symlink():
+                    _log.warning("not following %s -> %s: it leads back to a folder already walked", link, target)
+                else:
+                    _log.warning("skipping %s: already walked through a symbolic link to it", link)
                 scan.loops.append(link)
                 continue
             visited.add(target)
@@ -307,25 +310,38 @@ def _brief(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+_DICOM_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+
+
 def _check_dicom_header(ds: Any, path: Path) -> None:
-    """An image is there, not a decompression bomb, and its transfer syntax has a decoder installed."""
+    """One gray or colour frame, not a decompression bomb, in a transfer syntax with a decoder installed."""
+    try:
+        problem = _dicom_header_problem(ds)
+    except Exception as e:  # a malformed header element (Rows "abc", ...)
+        problem = f"malformed DICOM header ({_brief(e)})"
+    if problem is not None:
+        raise ImageLoadError(path, problem)
+
+
+def _dicom_header_problem(ds: Any) -> Optional[str]:
     if "Rows" not in ds or "Columns" not in ds:
-        raise ImageLoadError(path, "DICOM file without an image (no Rows/Columns)")
+        return "DICOM file without an image (no Rows/Columns)"
     frames = _int_or_none(ds.get("NumberOfFrames")) or 1
     pixels = int(ds.Rows or 0) * int(ds.Columns or 0) * max(frames, 1)
     limit = _pixel_limit()
     if limit is not None and pixels > limit:
-        raise ImageLoadError(
-            path,
+        return (
             f"image too large: {ds.Rows} x {ds.Columns} pixels" + (f" x {frames} frames" if frames > 1 else "")
             + f" exceeds the decompression-bomb limit of {limit:,} pixels (2 x PIL.Image.MAX_IMAGE_PIXELS); "
-            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted",
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
         )  # fmt: skip
+    if frames > 1:
+        return f"multi-frame DICOM ({frames} frames) is not supported; export one frame"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", *_DICOM_COLOUR):
+        return f"unsupported PhotometricInterpretation {photometric!r}"
     transfer_syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
-    if transfer_syntax is not None:
-        problem = dicom_decoder_problem(transfer_syntax)
-        if problem is not None:
-            raise ImageLoadError(path, problem)
+    return dicom_decoder_problem(transfer_syntax) if transfer_syntax is not None else None
 
 
 def _int_or_none(value: Any) -> Optional[int]:
@@ -375,16 +391,11 @@ def _dicom_to_8bit(ds: Any, path: Path) -> Image.Image:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pydicom is optional: imported where used
 
     pixels = ds.pixel_array
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    frames = _int_or_none(ds.get("NumberOfFrames")) or 1
-    if frames > 1:
-        raise ImageLoadError(path, f"multi-frame DICOM ({frames} frames) is not supported; export one frame")
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()  # checked by the header check
+    if photometric in _DICOM_COLOUR:
         if pixels.dtype != np.uint8:
             raise ImageLoadError(path, f"colour DICOM with {pixels.dtype} samples is not supported")
         return Image.fromarray(pixels, mode="RGB")  # pydicom converts YBR to RGB
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageLoadError(path, f"unsupported PhotometricInterpretation {photometric!r}")
     invert = _presentation_inverts(ds, photometric, path)
 
     values = apply_modality_lut(pixels, ds)
