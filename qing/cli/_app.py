@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-file-size",
-        type=parse_size,
+        type=_size,
         default=DEFAULT_MAX_FILE_SIZE,
         metavar="SIZE",
         help=f"largest upload, e.g. 20mb (default: {size_text(DEFAULT_MAX_FILE_SIZE)})",
@@ -100,6 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_flags(parser, workers=False)
     add_common_flags(parser)
     parser.set_defaults(func=run)
+
+
+def _size(text: str) -> int:
+    """argparse type of ``--max-file-size``."""
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _is_loopback(host: str) -> bool:

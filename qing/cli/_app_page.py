@@ -16,7 +16,15 @@ from typing import Any, Optional
 import gradio as gr
 
 from qing._io import write_text_atomic
-from qing.cli._app_results import ModelStore, analyze, model_summary, results_html, size_text, status_text
+from qing.cli._app_results import (
+    ModelStore,
+    analyze,
+    grad_cam_available,
+    model_summary,
+    results_html,
+    size_text,
+    status_text,
+)
 from qing.evaluate import DISCLAIMER
 
 __all__ = ["CSS", "TITLE", "build_page", "serve"]
@@ -77,17 +85,21 @@ def build_page(
     """
     locked = store.allowed is not None
 
-    def load(spec: Optional[str]) -> tuple[str, str]:
+    def load(spec: Optional[str]) -> tuple[str, str, Any]:
         if not spec:
-            return "Choose a model above to start.", ""
+            return "Choose a model above to start.", "", gr.update(choices=[], value=None)
         try:
             loaded = store.get(spec)
         except Exception as err:  # any failure to load is shown in the page; the server keeps serving
             _log.warning("qing app: could not load %s: %s", spec, err)
-            return _error_line(f"Could not load {html.escape(spec)}: {html.escape(_message(err))}"), ""
-        return f"Loaded **{spec}** ({loaded.source}).", model_summary(loaded)
+            message = _error_line(f"Could not load {html.escape(spec)}: {html.escape(_message(err))}")
+            return message, "", gr.update(choices=[], value=None)
+        labels = gr.update(choices=loaded.labels, value=loaded.labels[0])
+        return f"Loaded **{spec}** ({loaded.source}).", model_summary(loaded), labels
 
-    def predict(files: Optional[list[str]], spec: Optional[str]) -> tuple[str, str, Optional[str]]:
+    def predict(
+        files: Optional[list[str]], spec: Optional[str], cam_label: Optional[str] = None
+    ) -> tuple[str, str, Optional[str]]:
         if not files:
             return "Drop one or more chest X-rays (PNG, JPEG or DICOM) to see the model's predictions.", "", None
         if not spec:
@@ -100,6 +112,7 @@ def build_page(
                     [Path(f) for f in files],
                     max_file_size=max_file_size,
                     max_files=max_files,
+                    grad_cam_label=loaded.labels.index(cam_label) if cam_label in loaded.labels else None,
                     batch_size=batch_size,
                 )
         except Exception as err:  # shown in the page; the next request is served as usual
@@ -131,6 +144,13 @@ def build_page(
             elem_id="qing-model",
         )
         model_status = gr.Markdown(elem_id="qing-model-status")
+        cam_box = gr.Dropdown(
+            choices=[],
+            label="Grad-CAM for label",
+            info="Where the last CNN stage's gradients say this label's evidence is (class-specific).",
+            visible=grad_cam_available(),
+            elem_id="qing-gradcam",
+        )
         with gr.Row():
             with gr.Column(scale=2):
                 uploads = gr.File(
@@ -147,13 +167,15 @@ def build_page(
         with gr.Accordion("About this model", open=True):
             card = gr.Markdown(elem_id="qing-card")
 
-        page.load(load, inputs=model_box, outputs=[model_status, card]).then(
-            predict, inputs=[uploads, model_box], outputs=[status, results, download]
-        )
-        model_box.change(load, inputs=model_box, outputs=[model_status, card]).then(
-            predict, inputs=[uploads, model_box], outputs=[status, results, download]
-        )
-        uploads.change(predict, inputs=[uploads, model_box], outputs=[status, results, download])
+        # One public endpoint, /predict (files, MODEL, Grad-CAM label -> status, cards, CSV); the rest is the page's.
+        inputs, outputs = [uploads, model_box, cam_box], [status, results, download]
+        uploads.change(predict, inputs=inputs, outputs=outputs, api_name="predict")
+        model_outputs = [model_status, card, cam_box]
+        page.load(load, inputs=model_box, outputs=model_outputs, api_name="show_model", api_visibility="private")
+        model_box.change(
+            load, inputs=model_box, outputs=model_outputs, api_name="switch_model", api_visibility="private"
+        ).then(predict, inputs=inputs, outputs=outputs, api_name="predict_again", api_visibility="private")
+        cam_box.input(predict, inputs=inputs, outputs=outputs, api_name="predict_grad_cam", api_visibility="private")
     return page
 
 

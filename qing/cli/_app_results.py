@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qing import explain
 from qing.cli._common import CLIError, LoadedModel, load_model
 from qing.cli._inference import iter_predictions
 from qing.cli._predict import Prediction, decisions, predictions_csv
@@ -30,6 +31,11 @@ from qing.model_card import model_card_summary
 #: Default upload limits: DICOM chest films are 5-40 MB; more files than this belong to ``qing predict``.
 DEFAULT_MAX_FILE_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_FILES = 24
+
+
+def grad_cam_available() -> bool:
+    """Whether this qing has Grad-CAM (``qing.explain.grad_cam``, issue 15); the page offers it when it does."""
+    return callable(getattr(explain, "grad_cam", None))
 
 
 def parse_size(text: str) -> int:
@@ -178,6 +184,7 @@ def analyze(
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     max_files: int = DEFAULT_MAX_FILES,
     heatmaps: bool = True,
+    grad_cam_label: Optional[int] = None,
     batch_size: int = 8,
 ) -> Analysis:
     """Predict uploaded files the way ``qing predict`` does, with the model input and heatmaps of each.
@@ -189,6 +196,7 @@ def analyze(
         max_file_size: Larger files are not read; their row says so.
         max_files: Files after the first ``max_files`` are not read; their row says so.
         heatmaps: Draw the attention-rollout overlay (qing CNN-Transformers).
+        grad_cam_label: Also draw Grad-CAM for this output, where qing has Grad-CAM (see :func:`grad_cam_available`).
         batch_size: Images per forward pass.
     """
     names = list(names) if names is not None else [Path(f).name for f in files]
@@ -216,6 +224,7 @@ def analyze(
     draw = heatmaps and loaded.has_attention
     if heatmaps and not loaded.has_attention:
         notes.append("This model has no attention maps (not a qing CNN-Transformer): no attention-rollout overlay.")
+    cam_label = grad_cam_label if grad_cam_label is not None and grad_cam_available() else None
     transform = build_transforms(loaded.model, train=False)
     device = next(loaded.model.parameters()).device
     batches = iter_predictions(
@@ -229,6 +238,13 @@ def analyze(
             continue
         pictures = denormalize(batch.images, transform.mean, transform.std)
         rollout = class_token_heatmap(loaded.model, batch.images) if draw else None
+        cams = None
+        if cam_label is not None:
+            try:
+                cams = explain.grad_cam(loaded.model, batch.images, label=cam_label)
+            except (TypeError, ValueError) as err:  # e.g. no CNN stage to take the gradients at
+                notes.append(f"No Grad-CAM for this model: {err}")
+                cam_label = None
         for j, (index, probs) in enumerate(zip(batch.indices, batch.probabilities)):
             result = results[readable[index]]
             result.prediction.probabilities = [float(p) for p in probs]
@@ -236,6 +252,8 @@ def analyze(
             result.pictures[f"Model input ({width} × {height}, after preprocessing)"] = _png(_picture(pictures[j]))
             if rollout is not None:
                 result.pictures["Attention rollout"] = _png(overlay(pictures[j], rollout[j]))
+            if cams is not None:
+                result.pictures[f"Grad-CAM: {loaded.labels[grad_cam_label]}"] = _png(overlay(pictures[j], cams[j]))
     csv = predictions_csv(loaded, [r.prediction for r in results])
     return Analysis(loaded, results, csv, notes)
 

@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from huggingface_hub import SpaceCardData
+from huggingface_hub import HfApi, SpaceCardData
 from huggingface_hub.constants import REPOCARD_NAME
 
 from qing._io import write_text_atomic
 from qing.cli._app_results import size_text
-from qing.cli._common import LoadedModel
+from qing.cli._common import CLIError, LoadedModel
 from qing.evaluate import DISCLAIMER
 from qing.hub import save_pretrained
 from qing.version import __version__
 
-__all__ = ["DEFAULT_SPACE_REQUIREMENT", "SPACE_MODEL_DIR", "read_space_sdk", "write_space"]
+__all__ = ["DEFAULT_SPACE_REQUIREMENT", "SPACE_MODEL_DIR", "push_space", "read_space_sdk", "write_space"]
 
 #: How the Space installs qing (``--requirement`` replaces it, e.g. with a ``git+https://`` URL).
 DEFAULT_SPACE_REQUIREMENT = f"qing[dicom]=={__version__}"
@@ -171,3 +171,38 @@ def read_space_sdk(folder: Path) -> Optional[str]:
         return None
     sdk = header.get("sdk") if isinstance(header, dict) else None
     return str(sdk) if sdk else None
+
+
+def push_space(
+    folder: Path,
+    repo_id: str,
+    *,
+    revision: Optional[str] = None,
+    private: bool = False,
+    token: Optional[str] = None,
+    commit_message: str = "Upload Space with qing",
+) -> tuple[str, str]:
+    """Upload a Space folder in one commit, creating the Space (with the SDK of its README) if needed.
+
+    Returns:
+        ``(owner/name, commit URL)``.
+    """
+    sdk = read_space_sdk(folder)
+    if sdk is None:
+        raise CLIError(
+            f"{folder} is not a Space folder: its README.md has no YAML header with an sdk "
+            "(write one with qing app MODEL --export-space DIR)"
+        )
+    api = HfApi(token=token, library_name="qing", library_version=__version__)
+    repo = api.create_repo(repo_id, repo_type="space", space_sdk=sdk, private=private, exist_ok=True).repo_id
+    if revision is not None and revision != "main":
+        api.create_branch(repo, branch=revision, repo_type="space", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo,
+        folder_path=folder,
+        repo_type="space",
+        revision=revision,
+        commit_message=commit_message,
+        ignore_patterns=["**/__pycache__/**", "*.pyc", ".git/**"],
+    )
+    return repo, str(commit)
