@@ -338,3 +338,31 @@ def test_push_refuses_a_folder_that_is_not_a_space(model_dir, hub, capsys):
     assert main(["push", str(model_dir), "demo", "--repo-type", "space"]) == 1
     assert "is not a Space folder: its README.md has no YAML header with an sdk" in capsys.readouterr().err
     assert hub.state.repos == {}
+
+
+def test_multilabel_and_multiclass_cards(real_images, tmp_path):
+    torch.manual_seed(4)
+    multilabel = qing.create_model("qing_test_tr1", num_classes=2).eval()
+    set_meta(multilabel, task="multilabel", thresholds=[0.0, 1.0])  # always positive, never positive
+    qing.save_pretrained(multilabel, tmp_path / "ml", label_names=["Effusion", "Edema"])
+    multiclass = qing.create_model("qing_test_tr1", num_classes=3).eval()
+    set_meta(multiclass, task="multiclass")
+    qing.save_pretrained(multiclass, tmp_path / "mc", label_names=["normal", "bacterial", "viral"])
+
+    analysis = analyze(load_model(str(tmp_path / "ml"), device=CPU), real_images[:1])
+    page = results_html(analysis)
+    assert "Decision: <strong>Effusion</strong>" in page
+    assert '<td class="qing-threshold">0.0000</td><td class="qing-call">positive</td>' in page
+    assert '<td class="qing-threshold">1.0000</td><td class="qing-call">negative</td>' in page
+    assert analysis.csv.splitlines()[0] == "path,prob_Effusion,prob_Edema,positive_Effusion,positive_Edema,error"
+
+    analysis = analyze(load_model(str(tmp_path / "mc"), device=CPU), real_images[:1])
+    probs = analysis.results[0].prediction.probabilities
+    assert sum(probs) == pytest.approx(1.0, abs=1e-6)  # softmax
+    winner = ["normal", "bacterial", "viral"][int(np.argmax(probs))]
+    page = results_html(analysis)
+    assert f"Decision: <strong>{winner}</strong>" in page and page.count(">argmax<") == 3
+    assert page.count('<td class="qing-call">predicted</td>') == 1
+    assert analysis.csv.splitlines()[1].endswith(f",{winner},")
+    summary = model_summary(load_model(str(tmp_path / "mc"), device=CPU))
+    assert "**Decision:** the most probable class (argmax)." in summary

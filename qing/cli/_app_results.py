@@ -271,19 +271,19 @@ def _decision_text(loaded: LoadedModel, probs: list[float]) -> str:
 
 
 def _rows(loaded: LoadedModel, probs: list[float]) -> str:
+    """One table row per output: label, probability, bar, threshold, call."""
     top = int(np.argmax(probs))
     rows = []
     for i, (label, p) in enumerate(zip(loaded.labels, probs)):
         if loaded.task == "multiclass":
-            threshold, call = "argmax", "predicted" if i == top else ""
+            threshold, positive = "argmax", i == top
+            call = "predicted" if positive else ""
         else:
-            t = loaded.thresholds[i]
-            threshold = f"{t:.4f}"
+            threshold, positive = f"{loaded.thresholds[i]:.4f}", p >= loaded.thresholds[i]
             if loaded.task == "binary":
-                call = label if p >= t else loaded.negative_label
+                call = label if positive else loaded.negative_label
             else:
-                call = "positive" if p >= t else "negative"
-        positive = call in ("predicted", "positive") or (loaded.task == "binary" and p >= loaded.thresholds[0])
+                call = "positive" if positive else "negative"
         rows.append(
             f'<tr class="qing-row{" qing-positive" if positive else ""}" data-label="{html.escape(label)}">'
             f"<td>{html.escape(label)}</td>"
