@@ -26,6 +26,7 @@ from qing.cli import main
 from qing.cli._app_results import (
     ModelStore,
     analyze,
+    grad_cam_available,
     model_config,
     model_summary,
     parse_size,
@@ -114,6 +115,16 @@ def test_the_model_input_picture_is_the_preprocessed_image(model_dir, real_image
                         .clamp(0, 1).numpy().transpose(1, 2, 0) * 255)  # fmt: skip
     assert shown.shape == (64, 64, 3)
     assert np.abs(shown.astype(float) - expected).max() <= 1
+
+
+@pytest.mark.skipif(not grad_cam_available(), reason="this tree has no qing.explain.grad_cam yet (issue 15)")
+def test_grad_cam_for_the_chosen_label(model_dir, real_images):
+    loaded = load_model(str(model_dir), device=CPU)
+    analysis = analyze(loaded, real_images[:2], grad_cam_label=0)
+    for result in analysis.results:
+        assert list(result.pictures)[-1] == "Grad-CAM: PNEUMONIA"
+        assert result.pictures["Grad-CAM: PNEUMONIA"] != result.pictures["Attention rollout"]
+    assert "Grad-CAM" not in "".join(analyze(loaded, real_images[:1]).results[0].pictures)  # only when asked
 
 
 def _dicom_without_pixels(path: Path) -> Path:

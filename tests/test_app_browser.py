@@ -26,6 +26,7 @@ import torch
 
 import qing
 from qing.cli import main
+from qing.cli._app_results import grad_cam_available
 from qing.meta import set_meta
 from qing.train import Trainer
 from tests.conftest import PNEUMONIA_200
@@ -234,7 +235,10 @@ def test_qing_app_in_chromium(app_url, driver, models, tmp_path, capsys):
     assert f"test_roc_auc {stored.metrics['test_roc_auc']:.4f}" in card  # the run's test metrics
     decision = "PNEUMONIA" if expected["positive_PNEUMONIA"] == "1" else "NORMAL"
     assert call == decision and shown["decision"] == f"Decision: {decision}"
-    assert shown["images"] == [("Model input (64 × 64, after preprocessing)", 64), ("Attention rollout", 64)]
+    pictures = [("Model input (64 × 64, after preprocessing)", 64), ("Attention rollout", 64)]
+    if grad_cam_available():  # the Grad-CAM label box shows the model's first label
+        pictures.append(("Grad-CAM: PNEUMONIA", 64))
+    assert shown["images"] == pictures
     # the CSV download has qing predict's columns and numbers
     link = _wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#qing-csv a[href]"), "no CSV download")
     with urllib.request.urlopen(link[0].get_attribute("href"), timeout=60) as answer:

@@ -146,7 +146,6 @@ class ImageResult:
     """One uploaded file: its prediction (``path`` is the file's name) and its pictures as PNG bytes."""
 
     prediction: Prediction
-    size: int = 0
     pictures: dict[str, bytes] = field(default_factory=dict)  #: caption -> PNG
 
 
@@ -204,21 +203,15 @@ def analyze(
     readable: list[int] = []
     for i, path in enumerate(files):
         size = Path(path).stat().st_size if Path(path).is_file() else 0
-        results[i].size = size
         if i >= max_files:
-            results[
-                i
-            ].prediction.error = (
-                f"not read: at most {max_files} files per upload (use qing predict for folders of images)"
-            )
+            why = f"not read: at most {max_files} files per upload (use qing predict for folders of images)"
         elif size > max_file_size:
-            results[
-                i
-            ].prediction.error = (
-                f"file too large: {size_text(size)}, the limit is {size_text(max_file_size)} (qing app --max-file-size)"
-            )
+            limit = size_text(max_file_size)
+            why = f"file too large: {size_text(size)}, the limit is {limit} (qing app --max-file-size)"
         else:
             readable.append(i)
+            continue
+        results[i].prediction.error = why
 
     notes = []
     draw = heatmaps and loaded.has_attention
