@@ -37,7 +37,8 @@ CHROMIUM = Path(os.environ.get("QING_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("QING_CHROMEDRIVER", "/usr/bin/chromedriver"))
 MAX_FILE_SIZE = 150 * 1024  # the real images are ~10 KB; the "too large" upload is 200 KB
 RUN = "runs/pneumonia"  # the MODEL argument, relative to the app's working folder
-WAIT_S = 180  # this 2-core machine is shared: generous waits, never timed assertions
+WAIT_S = 300  # this 2-core machine is shared: generous waits, never timed assertions
+START_S = 600  # importing torch, timm and Gradio on a loaded machine
 
 
 def _executable(path: Path) -> bool:
@@ -98,10 +99,10 @@ def app_url(models, tmp_path_factory):
     with log_path.open("w") as log:
         process = subprocess.Popen(command, cwd=run_dir.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + WAIT_S
+        deadline = time.monotonic() + START_S
         while "serving on" not in log_path.read_text():
             assert process.poll() is None, f"qing app exited:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"qing app did not start in {WAIT_S} s:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"qing app did not start in {START_S} s:\n{log_path.read_text()}"
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -269,9 +270,8 @@ def test_qing_app_in_chromium(app_url, driver, models, tmp_path, capsys):
     big = tmp_path / "big.png"
     big.write_bytes(os.urandom(200 * 1024))
     _upload(driver, big)
-    _wait_for(driver, lambda d: "exceed" in d.find_element(By.TAG_NAME, "body").text.lower(), "no size message")
-    body = driver.find_element(By.TAG_NAME, "body").text
-    assert "150" in body or "153600" in body, body[-2000:]
+    message = 'File(s) exceed the maximum allowed size of 150.0 Kb: "big.png"'  # Gradio's, from --max-file-size
+    _wait_for(driver, lambda d: message in d.find_element(By.TAG_NAME, "body").text, "no size-limit message")
     _upload(driver, image)
     _wait_for(driver, lambda d: image.name in _cards(d) and _cards(d)[image.name]["rows"], "no prediction after")
     assert _cards(driver)[image.name]["rows"]["PNEUMONIA"][0] == probability

@@ -8,6 +8,8 @@ import ipaddress
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -142,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     workdir = Path(tempfile.mkdtemp(prefix="qing-app-"))
     os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a stopped service also removes its uploads
     try:
         from qing.cli import _app_page  # Gradio takes seconds to import: only when the page is served
 
@@ -158,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)  # SystemExit runs the finally blocks that close the page and delete the uploads
 
 
 def _export(args: argparse.Namespace) -> int:
