@@ -121,9 +121,9 @@ def build_page(
         csv_path = workdir / uuid.uuid4().hex / "qing-predictions.csv"
         csv_path.parent.mkdir(parents=True)
         write_text_atomic(csv_path, analysis.csv)
-        status = status_text(analysis)
+        status = html.escape(status_text(analysis))  # it names the MODEL as typed
         if analysis.n_failed:
-            status = _error_line(html.escape(status))
+            status = _error_line(status)
         return status, results_html(analysis), str(csv_path)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(600, 3600)) as page:
