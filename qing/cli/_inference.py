@@ -1,18 +1,32 @@
-"""Image files for ``qing predict`` and ``qing eval``: INPUT arguments expanded to files, and the batches
-the model runs on (the loop itself is :func:`qing.evaluate.iter_logits`)."""
+"""Image files for ``qing predict``, ``qing eval`` and ``qing app``: INPUT arguments expanded to files, the
+batches the model runs on (the loop itself is :func:`qing.evaluate.iter_logits`), and the one "predict these
+files" path that ``qing predict`` and ``qing app`` share, so both give the same numbers."""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qing.data import collate_skip_bad, is_dicom, is_image_file, scan_folder
+from qing.cli._common import LoadedModel
+from qing.data import (
+    BadImage,
+    ImageFiles,
+    ImageTransform,
+    build_transforms,
+    collate_skip_bad,
+    is_dicom,
+    is_image_file,
+    scan_folder,
+)
+from qing.evaluate import iter_logits, probabilities
 
 _GLOB_CHARS = ("*", "?", "[")
 
@@ -97,3 +111,52 @@ def inference_loader(dataset: Dataset, *, device: torch.device, batch_size: int,
         collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda",
     )
+
+
+@dataclass
+class PredictedBatch:
+    """One batch of :func:`iter_predictions`.
+
+    Attributes:
+        indices: Positions in the file list of the readable images, ``B`` of them.
+        images: Their inputs as the model saw them (after preprocessing), on its device, ``(B, C, H, W)``.
+        probabilities: ``(B, num_outputs)`` float probabilities (sigmoid, or softmax for multiclass).
+        bad: The batch's unreadable files, with the reason.
+    """
+
+    indices: list[int]
+    images: torch.Tensor
+    probabilities: np.ndarray
+    bad: list[BadImage] = field(default_factory=list)
+
+
+def iter_predictions(
+    loaded: LoadedModel,
+    files: Sequence[Path],
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: Optional[bool] = False,
+    transform: Optional[ImageTransform] = None,
+) -> Iterator[PredictedBatch]:
+    """Probabilities for image files, batch by batch: what ``qing predict`` and ``qing app`` run.
+
+    Args:
+        loaded: The model (from :func:`qing.cli._common.load_model`), on ``device``.
+        files: Image files (PNG, JPEG, DICOM, ...); unreadable ones come back in :attr:`PredictedBatch.bad`.
+        device: Where the model runs.
+        batch_size: Images per forward pass.
+        num_workers: Image-reading worker processes.
+        progress: Progress bar on stderr (``None``: only on a terminal).
+        transform: The evaluation transform (default: ``build_transforms(loaded.model, train=False)``).
+    """
+    transform = transform or build_transforms(loaded.model, train=False)
+    dataset = ImageFiles(files, transform)
+    loader = inference_loader(dataset, device=device, batch_size=batch_size, num_workers=num_workers)
+    for batch in iter_logits(loaded.model, loader, device=device, progress=progress, desc="predict"):
+        if batch.indices:
+            probs = probabilities(batch.logits.numpy(), loaded.task)
+        else:
+            probs = np.zeros((0, len(loaded.labels)))
+        yield PredictedBatch(batch.indices, batch.images, probs, batch.bad)

@@ -28,9 +28,8 @@ from qing.cli._common import (
     load_model,
     resolve_device,
 )
-from qing.cli._inference import expand_inputs, inference_loader
-from qing.data import ImageFiles, ImageLoadError, ImageTransform, build_transforms, load_image
-from qing.evaluate import iter_logits, probabilities
+from qing.cli._inference import expand_inputs, iter_predictions
+from qing.data import ImageLoadError, ImageTransform, build_transforms, load_image
 from qing.explain import class_token_heatmap, overlay
 
 EPILOG = """\
@@ -151,7 +150,7 @@ def _heatmap_at_source_size(path: Path, heatmap: np.ndarray, transform: ImageTra
     return blended
 
 
-def _decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
+def decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
     """Names of the positive outputs (sigmoid tasks) or of the predicted class (multiclass)."""
     if loaded.task == "multiclass":
         return [loaded.labels[int(np.argmax(probs))]]
@@ -192,16 +191,22 @@ def run(args: argparse.Namespace) -> int:
     if len(inputs.not_images) > _NOT_IMAGES_SHOWN:
         print(f"qing: not read {len(inputs.not_images) - _NOT_IMAGES_SHOWN} more such file(s)", file=sys.stderr)
 
-    dataset = ImageFiles(inputs.files, transform)
-    loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
-    for batch in iter_logits(loaded.model, loader, device=device, progress=args.progress, desc="predict"):
+    batches = iter_predictions(
+        loaded,
+        inputs.files,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=args.progress,
+        transform=transform,
+    )
+    for batch in batches:
         for bad in batch.bad:
             results[bad.index].error = bad.reason
             print(f"qing: skipped {bad.path}: {bad.reason}", file=sys.stderr)
         if not batch.indices:
             continue
-        probs = probabilities(batch.logits.numpy(), loaded.task)
-        for index, row in zip(batch.indices, probs):
+        for index, row in zip(batch.indices, batch.probabilities):
             results[index].probabilities = [float(p) for p in row]
         if heatmap_paths:
             heat = class_token_heatmap(loaded.model, batch.images)
@@ -223,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         print(_table(loaded, results))
     else:
         if fmt == "csv":
-            text = _csv(loaded, everything, heatmaps=bool(heatmap_paths))
+            text = predictions_csv(loaded, everything, heatmaps=bool(heatmap_paths))
         else:
             text = _json(loaded, everything, inputs.not_images)
         if args.output is None:
@@ -271,7 +276,7 @@ def _table(loaded: LoadedModel, results: list[Prediction]) -> str:
         if r.probabilities is None:
             rows.append([r.path, *(["-"] * (len(headers) - 2)), "unreadable"])
             continue
-        decision = _decisions(loaded, r.probabilities)
+        decision = decisions(loaded, r.probabilities)
         shown = (loaded.labels[0] if decision else loaded.negative_label) if loaded.task == "binary" else decision[0]
         if few:
             probs = [f"{p:.4f}" for p in r.probabilities]
@@ -297,7 +302,8 @@ def _multilabel_table(loaded: LoadedModel, results: list[Prediction]) -> str:
     return format_table(headers, rows, max_width=_NO_CUT)
 
 
-def _csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool) -> str:
+def predictions_csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool = False) -> str:
+    """The CSV of ``qing predict`` (also the download of ``qing app``): one row per input, failed ones included."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     prob_cols = [f"prob_{name}" for name in loaded.labels]
@@ -308,10 +314,10 @@ def _csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool) -> s
             cells: list[Any] = [""] * (len(prob_cols) + len(decision_cols))
         else:
             if loaded.task == "multiclass":
-                decisions: list[Any] = _decisions(loaded, r.probabilities)
+                decided: list[Any] = decisions(loaded, r.probabilities)
             else:
-                decisions = [int(p >= t) for p, t in zip(r.probabilities, loaded.thresholds)]
-            cells = [repr(p) for p in r.probabilities] + decisions
+                decided = [int(p >= t) for p, t in zip(r.probabilities, loaded.thresholds)]
+            cells = [repr(p) for p in r.probabilities] + decided
         writer.writerow([r.path, *cells, *([r.heatmap or ""] if heatmaps else []), r.error or ""])
     return buffer.getvalue()
 
@@ -324,9 +330,9 @@ def _json(loaded: LoadedModel, results: list[Prediction], not_images: list[Path]
             continue
         entry: dict[str, Any] = {"path": r.path, "probabilities": dict(zip(loaded.labels, r.probabilities))}
         if loaded.task == "multiclass":
-            entry["predicted"] = _decisions(loaded, r.probabilities)[0]
+            entry["predicted"] = decisions(loaded, r.probabilities)[0]
         else:
-            entry["positive"] = _decisions(loaded, r.probabilities)
+            entry["positive"] = decisions(loaded, r.probabilities)
         if r.heatmap:
             entry["heatmap"] = r.heatmap
         predictions.append(entry)
