@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from qing._io import write_text_atomic
+from qing._io import atomic_path, write_text_atomic
 from qing.cli._common import (
     CLIError,
     HelpFormatter,
@@ -168,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
             pictures = denormalize(batch.images, transform.mean, transform.std)
             for index, picture, heatmap in zip(batch.indices, pictures, heat):
                 target = heatmap_paths[index]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(overlay(picture, heatmap)).save(target)
+                with atomic_path(target) as tmp:  # a kill leaves the old heatmap or the new one, never half
+                    Image.fromarray(overlay(picture, heatmap)).save(tmp, format="PNG")
                 results[index].heatmap = str(target)
 
     everything = failed + results

@@ -594,9 +594,12 @@ class Trainer:
         """
         cfg = self.config
         run_dir = cfg.run_dir
+        unused = {"tensorboard": not cfg.tensorboard, "report": not cfg.report}
         states = [inspect_folder(folder, run_dir) for folder in self._folders]
         problems = []
         for state in states:
+            if unused.get(state.folder.kind):
+                continue  # this run writes nothing there (an earlier run's output there may still go)
             where = f"{option(state.folder.setting)} {state.folder.path}"
             if state.other_run is not None:
                 problems.append(f"{where} holds the output of another run ({state.other_run})")
@@ -616,14 +619,13 @@ class Trainer:
                 found = ", ".join(f"{s.folder.path}/{_some(s.ours, 3)}" for s in earlier)
                 raise RunFolderError(
                     f"{run_dir} already holds a run ({found}); {option('resume', True)} continues it, "
-                    f"{option('overwrite', True)} replaces it (removing only what qing wrote), or choose another "
-                    f"{option('output_dir')}"
+                    f"{option('overwrite', True)} replaces it (removing only what qing wrote), or give this run "
+                    f"another folder ({option('output_dir', 'DIR')})"
                 )
             for state in earlier:
                 remove_entries(state)
             removed = "; ".join(f"{s.folder.path}: {', '.join(s.ours)}" for s in earlier)
             _log.info("overwrite: removed what the earlier run wrote (%s)", removed)
-        unused = {"tensorboard": not cfg.tensorboard, "report": not cfg.report}
         for folder in self._folders:
             if unused.get(folder.kind):
                 continue
