@@ -78,7 +78,7 @@ from qing.train.run_folder import (
     remove_entries,
 )
 from qing.train.tb import TensorBoardLogger
-from qing.train.wording import option
+from qing.train.wording import current_style, option
 from qing.weights import WeightsNotFoundError
 
 __all__ = ["Callback", "NonFiniteLossError", "RunResult", "Trainer"]
@@ -1191,7 +1191,7 @@ def _some(names: Sequence[str], n: int = 5) -> str:
 def _weights_hint(message: str) -> str:
     """A missing-weights message with the ways to give this run weights, named as the front end spells them."""
     lines = message.splitlines()
-    if option("pretrained_file") != "pretrained_file":  # a command line: no Python code to copy
+    if current_style() != "python":  # a command line: no Python code to copy
         lines = [line for line in lines if "pretrained_cfg_overlay" not in line and "qing.create_model(" not in line]
     lines.append(
         f"For this run: {option('pretrained_file', 'PATH')} loads a weights file you have; "

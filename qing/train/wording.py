@@ -19,7 +19,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["STYLES", "option", "option_style"]
+__all__ = ["STYLES", "current_style", "option", "option_style"]
 
 #: ``python``: ``name=value`` (``TrainConfig`` fields); ``cli``: ``qing train`` flags; ``script``:
 #: ``python -m qing.train`` (``--resume``, else ``--set name=value``).
@@ -39,6 +39,11 @@ def option_style(style: str) -> Iterator[None]:
         yield
     finally:
         _STYLE.reset(token)
+
+
+def current_style() -> str:
+    """The style settings are named in now (one of :data:`STYLES`; ``python`` outside :func:`option_style`)."""
+    return _STYLE.get()
 
 
 def _yaml_text(value: Any) -> str:
