@@ -23,6 +23,13 @@ stays fixed) give mean and standard deviation. Each run is kept under ``--work-d
     python benchmarks/finetune.py pneumonia200   # binary, cxr-pneumonia-200, 128 px
     python benchmarks/finetune.py nih14          # 14 labels, nih-cxr14-64px, 64 px
     python benchmarks/finetune.py cache          # epoch time with and without the in-memory cache
+    python benchmarks/finetune.py pneumonia200 --compare-amp --models qing_densenet121_tr2   # bf16 vs fp32
+
+``--compare-amp`` trains each (model, seed) twice, in float32 and under bf16 autocast, from the same
+init, and reports the paired test-AUROC difference against the spread over seeds and the training
+speed of each (results ``finetune_<name>_amp_<device>.json``). On a CPU without bfloat16 instructions
+the bf16 runs are forced (``QING_CPU_BF16=1``): the numbers (bf16 rounding) are those of a CPU that has
+them, the speed is not.
 
 Control experiments change one thing for a whole benchmark and get a suffix in the results name:
 ``--early-stopping-metric val_auroc`` (both models), ``--hybrid-recipe baseline`` (the hybrid trained
@@ -175,18 +182,22 @@ def init_weights(init: str, seed: int, work_dir: Path) -> tuple[Path, str]:
     return path, "random (timm's DenseNet121 init; the same tensors for both models' DenseNet121 per seed)"
 
 
-def train_config(model: str, *, seed: int, args: argparse.Namespace, data: dict[str, Any], init_file: Path):
+def train_config(
+    model: str, *, seed: int, args: argparse.Namespace, data: dict[str, Any], init_file: Path, amp: Optional[str] = None
+):
     """The TrainConfig of one run: qing's defaults for the hybrid, :data:`BASELINE_RECIPE` for DenseNet121."""
     from qing.train import TrainConfig
 
     shared = {
+        "amp": amp or args.amp,
+        "channels_last": args.channels_last,
         "img_size": args.img_size,
         "epochs": args.epochs,
         "seed": seed,
         "pretrained": True,
         "pretrained_file": str(init_file),
         "data": dict(data, cache_images=args.cache_images),
-        "output_dir": str(_run_dir(args, model, seed)),
+        "output_dir": str(_run_dir(args, model, seed, amp)),
         "overwrite": True,
         "tensorboard": False,
         "progress": False,
@@ -211,32 +222,38 @@ def _variant(args: argparse.Namespace) -> str:
     return suffix + "".join(f"_hybrid_{k}_{v}" for k, v in args.hybrid_arg.items())
 
 
-def _run_dir(args: argparse.Namespace, model: str, seed: int) -> Path:
-    return args.work_dir / f"{args.dataset}{_variant(args)}" / f"{model}_seed{seed}"
+def _run_dir(args: argparse.Namespace, model: str, seed: int, amp: Optional[str] = None) -> Path:
+    return args.work_dir / f"{args.dataset}{_variant(args)}" / f"{model}_seed{seed}{f'_amp_{amp}' if amp else ''}"
 
 
 # ---- one run -------------------------------------------------------------------------------------
 
 
-def run_one(model: str, seed: int, args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+def run_one(
+    model: str, seed: int, args: argparse.Namespace, data: dict[str, Any], amp: Optional[str] = None
+) -> dict[str, Any]:
     """Train and test one (model, seed); the result is cached in the run folder's ``result.json``."""
-    cached = _run_dir(args, model, seed) / "result.json"
+    cached = _run_dir(args, model, seed, amp) / "result.json"
     if args.reuse and cached.is_file():
         _log.info("reusing %s", cached)
         return json.loads(cached.read_text())
     from qing.train import Trainer
 
     init_file, init_text = init_weights(args.init, seed, args.work_dir)
-    config = train_config(model, seed=seed, args=args, data=data, init_file=init_file)
+    config = train_config(model, seed=seed, args=args, data=data, init_file=init_file, amp=amp)
+    trainer = Trainer(config)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    result = Trainer(config).fit()
+    result = trainer.fit()
     wall = time.perf_counter() - started
     metrics = result.test_metrics
     epoch_times = [h["epoch_time_s"] for h in result.history]
     record = {
         "model": model,
         "seed": seed,
+        "amp": config.amp,
+        "amp_dtype": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "float32",
+        "channels_last": config.channels_last,
         "init": init_text,
         "init_file": str(init_file),
         "best_epoch": result.best_epoch,
@@ -254,6 +271,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, data: dict[str, Any
         "wall_s": wall,
         "epoch_s_median": statistics.median(epoch_times),
         "epoch_s_min": min(epoch_times),
+        "train_images_per_s_median": statistics.median(h["train_images_per_s"] for h in result.history),
         "load_avg_1min": [load_before, os.getloadavg()[0]],
         "recipe": {k: getattr(config, k) for k in RECIPE_FIELDS},
         "model_name": config.model,
@@ -469,6 +487,90 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def amp_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Each (model, seed) in float32 and under bf16 autocast (interleaved), paired by seed."""
+    from qing.data import DataConfig, load_splits
+    from qing.train.amp import CPU_BF16_ENV, cpu_bf16_support
+
+    data = data_config(args.dataset, args.data_dir, args.data)
+    splits = load_splits(DataConfig(**data))
+    support = cpu_bf16_support() if args.device != "cuda" else None
+    forced = False
+    if support is not None and not support.usable:
+        os.environ[CPU_BF16_ENV] = "1"  # emulated bf16: the numbers of bf16 training, not its speed
+        forced = True
+    records = []
+    runs_amp = ("none", "bf16")
+    for seed in args.seeds:
+        for model in args.models:
+            for amp in runs_amp:
+                records.append(run_one(model, seed, args, data, amp=amp))
+                r = records[-1]
+                _log.info("%s seed %d amp=%s: test AUROC %.4f (best epoch %d of %d, %.1f train img/s, %.0f s)",
+                          model, seed, amp, r["test"]["roc_auc"], r["best_epoch"], r["epochs_run"],
+                          r["train_images_per_s_median"], r["wall_s"])  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    comparisons: dict[str, Any] = {}
+    for model in args.models:
+        runs = {(r["seed"], r["amp"]): r for r in records if r["model"] == model}
+        for amp in ("none", "bf16"):
+            aurocs = [runs[(seed, amp)]["test"]["roc_auc"] for seed in args.seeds]
+            speeds = [runs[(seed, amp)]["train_images_per_s_median"] for seed in args.seeds]
+            mean, sd = _mean_sd(aurocs)
+            rows.append({
+                "phase": "summary", "model": model, "amp": amp, "seeds": len(aurocs), "auroc_mean": mean,
+                "auroc_sd": sd, "auroc_range": round(max(aurocs) - min(aurocs), 4),
+                "train_images_per_s_median": round(statistics.median(speeds), 2),
+                "epochs_run_mean": _mean_sd([runs[(seed, amp)]["epochs_run"] for seed in args.seeds])[0],
+            })  # fmt: skip
+        for seed in args.seeds:
+            fp32, bf16 = runs[(seed, "none")], runs[(seed, "bf16")]
+            rows.append({
+                "phase": "per_seed", "model": model, "seed": seed,
+                "auroc_fp32": _r(fp32["test"]["roc_auc"]), "auroc_bf16": _r(bf16["test"]["roc_auc"]),
+                "difference": _r(bf16["test"]["roc_auc"] - fp32["test"]["roc_auc"]),
+                "best_epoch_fp32": fp32["best_epoch"], "best_epoch_bf16": bf16["best_epoch"],
+                "train_img_s_fp32": round(fp32["train_images_per_s_median"], 2),
+                "train_img_s_bf16": round(bf16["train_images_per_s_median"], 2),
+            })  # fmt: skip
+        diffs = [runs[(s, "bf16")]["test"]["roc_auc"] - runs[(s, "none")]["test"]["roc_auc"] for s in args.seeds]
+        diff_mean, diff_sd = _mean_sd(diffs)
+        spread = _mean_sd([runs[(s, "none")]["test"]["roc_auc"] for s in args.seeds])[1]
+        speeds = {a: statistics.median(runs[(s, a)]["train_images_per_s_median"] for s in args.seeds) for a in runs_amp}
+        speed = speeds["bf16"] / speeds["none"]
+        comparisons[model] = {
+            "auroc_difference_bf16_minus_fp32_per_seed": [round(d, 4) for d in diffs],
+            "auroc_difference_mean": diff_mean,
+            "auroc_difference_sd": diff_sd,
+            "fp32_auroc_sd_over_seeds": spread,
+            "within_seed_spread": None if spread is None else abs(diff_mean) <= spread,
+            "train_speed_bf16_over_fp32": round(speed, 3),
+        }
+    config = {
+        "dataset": args.dataset,
+        "source": _relative_source(splits.source, args.data_dir),
+        "n_train": len(splits.train),
+        "n_val": len(splits.val),
+        "n_test": len(splits.test),
+        "img_size": args.img_size,
+        "epochs_max": args.epochs,
+        "seeds": list(args.seeds),
+        "models": list(args.models),
+        "init": records[0]["init"],
+        "channels_last": args.channels_last,
+        "amp": "each seed trained twice from the same init: amp='none' (float32) and amp='bf16' (bf16 autocast)",
+        "cpu_bf16_native": None if support is None else support.native,
+        "cpu_capability": None if support is None else support.capability,
+        "bf16_forced": forced,
+        "decision_rule": "amp='auto' may pick bf16 on CPUs with bfloat16 instructions only if |mean paired "
+        "difference| <= the float32 AUROC sd over seeds",
+        "runs_wall_s_total": round(sum(r["wall_s"] for r in records), 1),
+        **environment(args),
+        "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:]),
+    }
+    return {"config": config, "comparison": comparisons, "rows": rows}
+
+
 def records_recipe(records: list[dict[str, Any]], model: str) -> dict[str, Any]:
     """The recipe a model was trained with (from its first run)."""
     run = next(r for r in records if r["model"] == model)
@@ -611,6 +713,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="hybrid model argument (YAML value), e.g. backbone_final_act=true (a control experiment)",
     )
     parser.add_argument("--cache-images", action="store_true", help="train with the in-memory image cache")
+    parser.add_argument("--amp", default="none", help="TrainConfig.amp of every run (default none: float32)")
+    parser.add_argument("--channels-last", action="store_true", help="TrainConfig.channels_last of every run")
+    parser.add_argument(
+        "--compare-amp", action="store_true", help="train every (model, seed) in float32 and in bf16; compare"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
@@ -632,8 +739,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         args.dataset = args.command
     args.img_size = args.img_size or DATASETS[args.dataset]["img_size"]
-    results = cache_timing(args) if args.command == "cache" else benchmark(args)
+    if args.command == "cache":
+        results = cache_timing(args)
+    else:
+        results = amp_benchmark(args) if args.compare_amp else benchmark(args)
     name = args.command + _variant(args)
+    if args.compare_amp:
+        name += "_amp_" + results["config"]["device"]
     out = args.out or REPO / "benchmarks" / "results" / f"finetune_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["atomic_path", "fsync_dir", "save_figure", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "fsync_dir", "fsync_tree", "save_figure", "write_bytes_atomic", "write_text_atomic"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,6 +34,22 @@ def fsync_dir(folder: PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: PathLike) -> None:
+    """Flush every file below ``folder``, then every folder bottom-up and ``folder`` itself, to disk.
+
+    For a folder built beside its target before an ``os.replace`` moves it into place: after this,
+    a power cut cannot leave the renamed folder with missing or empty files.
+    """
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ What a heatmap means, and what it does not:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -287,22 +288,32 @@ def _mean_std(model: nn.Module, mean: Optional[Sequence[float]], std: Optional[S
     return mean, std
 
 
-def _image_grid(rows: int, cols: int, *, cell_w: float, cell_h: float) -> tuple[Figure, np.ndarray]:
-    """``rows x cols`` image axes (axes off) with room for a small title above each and a figure title.
+_TITLE_CHARS_PER_INCH = 11  # of "medium" (10 pt) text, a little wider than the average character
+_TITLE_LINE_HEIGHT = 0.2  # inches
 
-    Fixed spacing instead of constrained layout, which is slow on figures with dozens of axes.
+
+def _image_grid(rows: int, cols: int, *, cell_w: float, cell_h: float, title: str) -> tuple[Figure, np.ndarray]:
+    """``rows x cols`` image axes (axes off) with room for a small title above each and ``title`` on top.
+
+    The figure title is wrapped to the figure's width (a narrow figure of one or two images gets
+    more lines, not a clipped title). Fixed spacing instead of constrained layout, which is slow on
+    figures with dozens of axes.
     """
-    width, height = cell_w * cols, cell_h * rows + 0.45
+    width = cell_w * cols
+    lines = textwrap.wrap(title, width=max(16, int((width - 0.3) * _TITLE_CHARS_PER_INCH))) or [""]
+    extra = _TITLE_LINE_HEIGHT * (len(lines) - 1)
+    height = cell_h * rows + 0.45 + extra
     fig = Figure(figsize=(width, height))
     image_h = cell_h - 0.3
     fig.subplots_adjust(
         left=0.05 / width,
         right=1 - 0.05 / width,
         bottom=0.05 / height,
-        top=1 - 0.7 / height,
+        top=1 - (0.7 + extra) / height,
         wspace=0.1 / (cell_w - 0.1),
         hspace=0.3 / image_h,
     )
+    fig.suptitle("\n".join(lines), fontsize="medium", y=1 - 0.1 / height, va="top")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -352,7 +363,8 @@ def save_attention_figure(
     per_head = _upsample(heads, size)
     depth, num_heads = heads.shape[:2]
     cols = max(3, num_heads)
-    fig, axes = _image_grid(depth + 1, cols, cell_w=2.0, cell_h=2.1)
+    title = f"class-token attention ({h}x{w} token grid); not a causal explanation"
+    fig, axes = _image_grid(depth + 1, cols, cell_w=2.0, cell_h=2.1, title=title)
     _show(axes[0, 0], _as_rgb(picture), "input")
     _show(axes[0, 1], overlay(picture, rollout, alpha=alpha), "rollout")
     _show(axes[0, 2], overlay(picture, _minmax(per_head[-1].mean(dim=0)), alpha=alpha), "last block, mean of heads")
@@ -363,7 +375,6 @@ def save_attention_figure(
                 overlay(picture, per_head[block, head], alpha=alpha),
                 f"block {block} head {head}",
             )
-    fig.suptitle(f"class-token attention ({h}x{w} token grid); not a causal explanation", fontsize="medium")
     return save_figure(fig, path)
 
 
@@ -398,11 +409,11 @@ def save_attention_overlays(
     mean, std = _mean_std(model, mean, std)
     heatmaps = class_token_heatmap(model, images, method=method)
     pictures = denormalize(images, mean, std)
-    fig, axes = _image_grid(2, len(images), cell_w=2.2, cell_h=2.3)
+    title = "class-token attention over the input (where the model read from, not why)"
+    fig, axes = _image_grid(2, len(images), cell_w=2.2, cell_h=2.3, title=title)
     for i, (picture, heat) in enumerate(zip(pictures, heatmaps)):
         _show(axes[0, i], _as_rgb(picture), titles[i] if titles is not None else f"image {i}")
         _show(axes[1, i], overlay(picture, heat, alpha=alpha), method)
-    fig.suptitle("class-token attention over the input (where the model read from, not why)", fontsize="medium")
     return save_figure(fig, path)
 
 
@@ -432,11 +443,11 @@ def save_feature_maps_figure(
     maps, index = feature_maps(model, images, n=n, return_indices=True)
     pictures = denormalize(images, mean, std)
     cols = 1 + maps.shape[1]
-    fig, axes = _image_grid(len(images), cols, cell_w=1.6, cell_h=1.75)
+    grid = "x".join(str(s) for s in maps.shape[-2:])
+    title = f"most active CNN feature maps ({grid} grid, per-map color scale)"
+    fig, axes = _image_grid(len(images), cols, cell_w=1.6, cell_h=1.75, title=title)
     for i, picture in enumerate(pictures):
         _show(axes[i, 0], _as_rgb(picture), f"image {i}")
         for k in range(maps.shape[1]):
             _show(axes[i, k + 1], maps[i, k].numpy(), f"ch {int(index[i, k])}", cmap="viridis", interpolation="nearest")
-    grid = "x".join(str(s) for s in maps.shape[-2:])
-    fig.suptitle(f"most active CNN feature maps ({grid} grid, per-map color scale)", fontsize="medium")
     return save_figure(fig, path)

@@ -60,7 +60,7 @@ from timm.models import save_for_hf
 from timm.utils import unwrap_model
 from torch import nn
 
-from qing._io import FILE_MODE
+from qing._io import FILE_MODE, fsync_dir, fsync_tree
 from qing.meta import ModelMeta, default_label_names, get_meta
 from qing.model_card import generate_model_card
 from qing.version import __version__
@@ -362,18 +362,31 @@ def _check_replaceable(directory: Path, *, overwrite: bool) -> None:
 
 
 def _replace_dir(staging: Path, directory: Path) -> None:
-    """Move the complete ``staging`` folder to ``directory``, replacing an old one only at the end."""
+    """Move the complete ``staging`` folder to ``directory``, replacing an old one only at the end.
+
+    Durable: the staged files and folders are flushed to disk before the rename, and the parent
+    folder after each rename, so a power cut leaves the old folder or the complete new one. Between
+    the two renames the old folder waits beside the target as ``.<name>.old-<id>``
+    (``qing.train.find_checkpoint`` moves the newest complete copy back after a crash there).
+    """
+    parent = directory.parent
+    fsync_tree(staging)
     if not directory.exists():
         os.replace(staging, directory)
+        fsync_dir(parent)
         return
     old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
     os.replace(directory, old)
+    fsync_dir(parent)
     try:
         os.replace(staging, directory)
     except BaseException:
         os.replace(old, directory)
+        fsync_dir(parent)
         raise
+    fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(parent)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,25 @@
-"""Faults and bad input, collected in one place (issue 12): each test reproduces a failure seen on main.
+"""Faults and bad input, collected in one place (issues 12, 13, 14, 18): each test reproduces a failure seen on
+main, from the outside where it can (a real ``qing`` run, real files, real processes), and checks that nothing
+was lost and that the message names the file or setting and what to do.
 
 Sections are headed by their area; add new ones under their own heading.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import logging
+import os
 import re
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
+import weakref
 import zlib
 from pathlib import Path
 
@@ -17,8 +27,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from huggingface_hub import HfApi
+from PIL import Image
 from safetensors.torch import save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 import qing
 from qing.cli import main
@@ -33,14 +48,23 @@ from qing.data import (
     load_splits,
     read_class_folders,
 )
+from qing.data.split_record import read_split_record
 from qing.hub import ModelSourceNotFoundError
 from qing.meta import set_meta
+from qing.train import Callback, TrainConfig, Trainer, find_checkpoint, load_training_state, save_checkpoint
+from qing.train.amp import CPU_AUTO_BF16, CPU_BF16_ENV, resolve_amp
+from qing.train.run_folder import RunFolderBusyError, RunFolderError, read_marker
 from qing.weights import UnsafeCheckpointError, WeightsNotFoundError
 from tests.make_fake_data import write_class_folders, write_dicom, write_png
 from tests.model_helpers import randomize_batchnorm
-from tests.test_cli import read_csv
+from tests.test_cli import qing_env, read_csv, run_qing
+from tests.train_helpers import synthetic_root, tiny_config, weights
 
 pydicom = pytest.importorskip("pydicom")
+pytest_plugins = ["tests.hub_server"]  # the loopback Hub fixtures: hub_server, hub
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = Path(__file__).with_name("train_script.py")
 
 pytest_plugins = ["tests.hub_server"]  # the loopback Hub fixtures: hub_server, hub
 
@@ -515,3 +539,599 @@ def test_checkpoint_path_goes_through_format_detection(tmp_path):
     hybrid = timm.create_model("qing_densenet121_tr2", checkpoint_path=str(path)).eval()
     with torch.no_grad():
         assert torch.allclose(hybrid.backbone.forward_features(x), reference.features(x), atol=1e-5)
+
+
+# ==== Training runs and run folders (issue 12 items 4-9 and 13, 13 items 2, 5, 6, 8, 10, 14, 18 item 3) ====
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """16 train (8 patients) and 8 test synthetic images at 64 px."""
+    return synthetic_root(tmp_path_factory.mktemp("synthetic"))
+
+
+def _train_args(data: Path, *extra: str) -> list[str]:
+    """A ``qing train`` command line for qing_test_tr1 on the synthetic images: one short epoch, no extras."""
+    return [
+        "train", str(data), "--model", "qing_test_tr1", "--img-size", "64", "--epochs", "1", "--batch-size", "4",
+        "--device", "cpu", "--no-progress", "--no-tensorboard", "--log-images", "0", "--n-bootstrap", "10",
+        "--patient-regex", qing.data.PATIENT_REGEX_SYNTHETIC, "--val-fraction", "0.25", *extra,
+    ]  # fmt: skip
+
+
+def _error(result: subprocess.CompletedProcess) -> str:
+    """The ``qing: error: ...`` part of stderr (after the log lines the run printed before failing)."""
+    assert "qing: error: " in result.stderr, result.stderr
+    return result.stderr[result.stderr.index("qing: error: ") :]
+
+
+# ---- 12.5: --overwrite checks everything first, then removes only what qing wrote -----------------
+
+
+def test_overwrite_checks_first_and_removes_only_what_qing_wrote(tmp_path, data_root):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("my notes")
+
+    # the audit's repro: the batch does not fit, and nothing may be deleted on the way to saying so
+    bad = run_qing(*_train_args(data_root, "--report-dir", "precious", "--overwrite", "--batch-size", "32",
+                                "--output-dir", "run"), cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 1
+    assert "fewer than one batch of 32" in bad.stderr
+    assert (precious / "notes.txt").read_text() == "my notes" and not (tmp_path / "run").exists()
+
+    # a valid run that would write its report into a folder qing does not own: refused, folder untouched
+    refused = run_qing(*_train_args(data_root, "--report-dir", "precious", "--overwrite", "--output-dir", "run"),
+                       cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 1
+    assert _error(refused).startswith(
+        "qing: error: --report-dir precious holds notes.txt, which qing did not write. qing never removes or "
+        "replaces files it did not write"
+    )
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+
+    # a run, the user's own file in its run folder, then --overwrite: qing's files go, the user's stays
+    first = run_qing(*_train_args(data_root, "--output-dir", "run"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "run"
+    (run / "my-notes.md").write_text("keep me")
+    old_best = weights(run / "checkpoints" / "best")
+    assert read_marker(run)["entries"] == ["config.yaml", "splits.csv", "train.log"]
+    assert read_marker(run / "checkpoints")["entries"] == ["best", "last"]
+
+    again = run_qing(*_train_args(data_root, "--output-dir", "run"), cwd=tmp_path)
+    assert again.returncode == 1
+    assert "already holds a run" in again.stderr
+    assert "--resume continues it, --overwrite replaces it (removing only what qing wrote)" in again.stderr
+    assert "resume=True" not in again.stderr and "Traceback" not in again.stderr
+
+    replaced = run_qing(*_train_args(data_root, "--output-dir", "run", "--overwrite", "--seed", "7"), cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert (run / "my-notes.md").read_text() == "keep me"
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 7
+    new_best = weights(run / "checkpoints" / "best")
+    assert any(not torch.equal(old_best[k], new_best[k]) for k in old_best)  # really a new run
+    log = (run / "train.log").read_text()
+    assert log.count("training qing_test_tr1 (") == 1  # the old log went with the old run
+
+    # a file dropped into qing's report folder blocks the next overwrite instead of being deleted
+    (run / "report" / "figure-for-paper.png").write_bytes(b"not qing's")
+    blocked = run_qing(*_train_args(data_root, "--output-dir", "run", "--overwrite"), cwd=tmp_path)
+    assert blocked.returncode == 1
+    assert "holds figure-for-paper.png, which qing did not write" in blocked.stderr
+    assert (run / "report" / "figure-for-paper.png").read_bytes() == b"not qing's"
+    assert all(torch.equal(new_best[k], v) for k, v in weights(run / "checkpoints" / "best").items())
+
+
+def test_folders_of_another_run_and_shared_folders_are_refused(tmp_path, data_root):
+    first = tiny_config(data_root, tmp_path / "a", report=False, tensorboard=False, log_dir=str(tmp_path / "tb"))
+    Trainer(first.replace(tensorboard=True)).fit()
+    assert read_marker(tmp_path / "tb")["run"] == str((tmp_path / "a").resolve())
+    second = first.replace(output_dir=str(tmp_path / "b"), tensorboard=True, overwrite=True)
+    with pytest.raises(RunFolderError, match=r"log_dir .*/tb holds the output of another run \(.*/a\)"):
+        Trainer(second).fit()
+    with pytest.raises(ValueError, match="output_dir and report_dir are the same folder"):
+        Trainer(first.replace(report_dir=str(tmp_path / "a")))
+
+
+# ---- 12.7 and 12.9: --resume never silently starts over; config.yaml only after a resume succeeded ------
+
+
+def test_resume_needs_a_complete_recognised_checkpoint(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=1, tensorboard=False)
+    Trainer(cfg).fit()
+    run = cfg.run_dir
+    config_before = (run / "config.yaml").read_bytes()
+    best_before = weights(run / "checkpoints" / "best")
+
+    # a rejected resume (EMA asked for, the checkpoint has none) changes nothing, config.yaml included
+    with pytest.raises(ValueError, match="was saved without EMA weights; resume with ema=False"):
+        Trainer(cfg.replace(resume=True, epochs=2, ema=True)).fit()
+    assert (run / "config.yaml").read_bytes() == config_before
+
+    # an unreadable training state: refused, nothing replaced
+    state = run / "checkpoints" / "last" / "training_state.json"
+    state.write_text("{ not json")
+    with pytest.raises(FileNotFoundError) as error:
+        Trainer(cfg.replace(resume=True, epochs=2)).fit()
+    assert str(error.value) == (
+        f"resume=True but {run / 'checkpoints' / 'last'} cannot be resumed: it is incomplete or unreadable. "
+        "Nothing was changed. To start a new run, drop resume (with overwrite=True if the folder holds an "
+        "earlier run)"
+    )
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert all(torch.equal(best_before[k], v) for k, v in weights(run / "checkpoints" / "best").items())
+
+    # from the command line: a run folder without a checkpoint, and the flags named as flags
+    fresh = run_qing(*_train_args(data_root, "--output-dir", "fresh", "--resume"), cwd=tmp_path)
+    assert fresh.returncode == 1
+    assert fresh.stderr.splitlines()[-1] == (
+        "qing: error: --resume but fresh/checkpoints/last cannot be resumed: no complete checkpoint there. Nothing "
+        "was changed. To start a new run, drop --resume (with --overwrite if the folder holds an earlier run)"
+    )
+    assert not (tmp_path / "fresh" / "config.yaml").exists() and not (tmp_path / "fresh" / "checkpoints").exists()
+
+    # --overwrite with --resume and nothing to resume: a new run, said so
+    new = Trainer(cfg.replace(resume=True, overwrite=True, epochs=1)).fit()
+    assert new.epochs_completed == 1
+    assert "cannot resume from" in (run / "train.log").read_text()
+
+
+# ---- 12.8: two runs on one run folder --------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_first(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=2, tensorboard=False)
+    config_file = cfg.save(tmp_path / "run.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, str(TRAIN_SCRIPT), str(config_file), "--pause-at", "0,0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        for line in holder.stdout:
+            if line.startswith("PAUSED"):
+                break
+            assert time.monotonic() < deadline, "the first run did not reach its pause point"
+        second = run_qing("train", "--config", str(config_file), cwd=tmp_path)
+        assert holder.poll() is None  # the second run did not wait for the first to end
+        assert second.returncode == 1
+        assert _error(second).startswith(
+            f"qing: error: {cfg.run_dir} is in use by another run (pid {holder.pid} on {socket.gethostname()}, started "
+        )
+        assert "wait for it to finish, or give this run another output folder" in second.stderr
+        log = (cfg.run_dir / "train.log").read_text()
+        assert log.count("training qing_test_tr1 (") == 1  # the second run wrote nothing into the first's log
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    # the operating system released the killed run's lock: a new run takes the folder (the stale owner file is ignored)
+    result = Trainer(cfg.replace(overwrite=True, epochs=1)).fit()
+    assert result.epochs_completed == 1
+    assert not (cfg.run_dir / ".qing-run.owner").exists()
+
+
+def test_the_lock_is_held_by_a_running_trainer_in_this_process_too(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=1, tensorboard=False)
+    seen = []
+
+    class SecondRun(Callback):
+        def on_step_end(self, trainer, *, epoch, step, loss):
+            if not seen:
+                with pytest.raises(RunFolderBusyError, match=rf"in use by another run \(pid {os.getpid()} on "):
+                    Trainer(cfg.replace(overwrite=True)).fit()
+                seen.append(True)
+
+    Trainer(cfg, callbacks=[SecondRun()]).fit()
+    assert seen == [True]
+
+
+# ---- 12.9: durability --------------------------------------------------------------------------------
+
+
+def test_checkpoint_replacement_is_flushed_around_each_rename(tmp_path, monkeypatch):
+    model = qing.create_model("qing_test_tr1", num_classes=1)
+    target = tmp_path / "checkpoints" / "last"
+    kwargs = dict(label_names=["x"], data_config={"input_size": (3, 64, 64)}, training_state={"epoch": 1})
+    save_checkpoint(target, model, **kwargs)
+
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(target, model, **{**kwargs, "training_state": {"epoch": 2}})
+
+    aside, into_place = [e for e in events if e[0] == "replace"]  # the old folder aside, the new one in
+    staging = Path(into_place[1])
+    assert aside[1] == str(target) and Path(aside[2]).name.startswith(".last.old-") and into_place[2] == str(target)
+    before = [e[1] for e in events[: events.index(aside)] if e[0] == "fsync"]
+    # every file written into the staging folder, and the staging folder itself, reached the disk first
+    names = ("model.safetensors", "config.json", "training_state.json", "training_state.safetensors")
+    assert {str(staging / name) for name in names} <= set(before)
+    assert str(staging) in before
+    # the parent folder after the old one went aside, after the new one came in, and after the old one went
+    after_aside = [e[1] for e in events[events.index(aside) + 1 : events.index(into_place)] if e[0] == "fsync"]
+    after_in = [e[1] for e in events[events.index(into_place) + 1 :] if e[0] == "fsync"]
+    assert after_aside == [str(target.parent)] and after_in == [str(target.parent)] * 2
+    assert load_training_state(target)["epoch"] == 2 and not list(target.parent.glob(".last.*"))
+
+
+def test_checkpoint_repair_takes_the_newest_complete_copy(tmp_path):
+    model = qing.create_model("qing_test_tr1", num_classes=1)
+    folder = tmp_path / "checkpoints"
+    kwargs = dict(label_names=["x"], data_config={"input_size": (3, 64, 64)})
+    for epoch in (1, 2, 3):
+        state = {"epoch": epoch, "global_step": 3 * epoch}
+        save_checkpoint(folder / f"e{epoch}", model, training_state=state, **kwargs)
+    # a kill during a replacement: "last" gone, epoch 2 set aside complete, epoch 3 set aside but half
+    # deleted (an interrupted clean-up of a later save), and a half-written staging folder
+    os.replace(folder / "e2", folder / ".last.old-aaaa1111")
+    os.replace(folder / "e3", folder / ".last.old-bbbb2222")
+    (folder / ".last.old-bbbb2222" / "training_state.safetensors").unlink()
+    os.replace(folder / "e1", folder / ".last.x1y2.tmp")
+    now = time.time()
+    os.utime(folder / ".last.old-bbbb2222", (now + 10, now + 10))  # the broken copy looks newest by time
+
+    assert find_checkpoint(folder / "last", repair=False, require_state=True) is None  # looking changes nothing
+    assert len(list(folder.glob(".last.*"))) == 3
+    last = find_checkpoint(folder / "last", require_state=True)
+    assert last == folder / "last" and load_training_state(last)["epoch"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["last"]  # leftovers removed
+
+    # only incomplete copies: no checkpoint, and resume says so instead of starting over
+    os.replace(folder / "last", folder / ".last.old-cccc3333")
+    (folder / ".last.old-cccc3333" / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert find_checkpoint(folder / "last", require_state=True) is None
+
+
+# ---- 12.13: YAML numbers -----------------------------------------------------------------------------
+
+
+def test_yaml_numbers_are_numbers_and_wrong_types_name_the_field(tmp_path, data_root):
+    (tmp_path / "run.yaml").write_text("lr: 1e-4\nmin_lr: 1e-7\nepochs: '3'\ndata:\n  val_fraction: 2.5e-1\n")
+    shown = run_qing("train", str(data_root), "--config", "run.yaml", "--set", "backbone_lr=3e-5",
+                     "--set", "weight_decay=5e-2", "--print-config", cwd=tmp_path)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    config = yaml.safe_load(shown.stdout)
+    values = (config["lr"], config["min_lr"], config["backbone_lr"], config["weight_decay"], config["epochs"])
+    assert values == (1e-4, 1e-7, 3e-5, 0.05, 3)
+    assert all(type(v) is float for v in values[:4]) and config["data"]["val_fraction"] == 0.25
+    cfg = TrainConfig.from_file(tmp_path / "run.yaml")
+    assert (cfg.lr, cfg.min_lr, cfg.epochs, cfg.data.val_fraction) == (1e-4, 1e-7, 3, 0.25)
+
+    bad = run_qing("train", str(data_root), "--set", "lr=fast", "--print-config", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr == "qing: error: lr must be a number, got 'fast' (str)\n"
+    with pytest.raises(ValueError, match=r"^data\.scale must be a list of 2 numbers, got \[0\.9\] \(list\)$"):
+        TrainConfig(data={"scale": [0.9]})
+    with pytest.raises(ValueError, match=r"^epochs must be an integer, got 2\.5 \(float\)$"):
+        TrainConfig.from_dict({"epochs": 2.5})
+    with pytest.raises(ValueError, match=r"^freeze_backbone must be true or false, got 'maybe' \(str\)$"):
+        TrainConfig.from_dict({"freeze_backbone": "maybe"})
+    with pytest.raises(ValueError, match=r"^data\.label_columns must be a list of texts, got 'Mass' \(str\)$"):
+        TrainConfig.from_dict({"data": {"label_columns": "Mass"}})
+    assert TrainConfig.from_dict({"pos_weight": "2.5"}).pos_weight == 2.5
+
+
+# ---- 12.4 and 13.6: qing push's token and its DIR -------------------------------------------------------
+
+
+def test_push_reads_the_token_from_a_file_and_warns_about_token_on_the_command_line(hub, tmp_path):
+    model = qing.create_model("qing_test_tr1", num_classes=1).eval()
+    qing.save_pretrained(model, tmp_path / "model", label_names=["Pneumonia"])
+    env = qing_env(
+        HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(hub.cache_dir),
+        HF_HOME=str(tmp_path / "hf-home"),
+    )  # fmt: skip
+    env.pop("HF_TOKEN", None)
+    token_file = tmp_path / "token"
+    token_file.write_text(hub.token + "\n")
+    token_file.chmod(0o600)
+    pushed = run_qing("push", "model", "qing-tester/from-file", "--token-file", "token", cwd=tmp_path, env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "model.safetensors" in hub.files("qing-tester/from-file") and pushed.stderr == ""
+
+    token_file.chmod(0o644)
+    on_line = run_qing("push", "model", "qing-tester/on-line", "--token", hub.token, cwd=tmp_path, env=env)
+    assert on_line.returncode == 0, on_line.stderr
+    assert on_line.stderr == (
+        "qing: warning: a token given with --token shows in `ps` and in your shell history; prefer the HF_TOKEN "
+        "environment variable, `hf auth login`, or --token-file FILE\n"
+    )
+    readable = run_qing("push", "model", "qing-tester/readable", "--token-file", "token", cwd=tmp_path, env=env)
+    assert readable.returncode == 0, readable.stderr
+    assert "--token-file token can be read by other users; restrict it with chmod 600 token" in readable.stderr
+
+    token_file.write_text("")
+    empty = run_qing("push", "model", "qing-tester/x", "--token-file", "token", cwd=tmp_path, env=env)
+    assert empty.returncode == 1
+    assert empty.stderr == (
+        "qing: error: --token-file token must hold the token alone (one word, e.g. hf_...); it holds 0\n"
+    )
+    (tmp_path / "runs").mkdir()
+    missing = run_qing("push", "runs/nope", "me/x", cwd=tmp_path, env=env)
+    assert missing.returncode == 1 and "hf-hub:" not in missing.stderr
+    assert missing.stderr == (
+        "qing: error: DIR runs/nope does not exist; give a model folder or a run folder (as qing train --output-dir "
+        "wrote it)\n"
+    )
+
+
+# ---- 13.2: the run's own split, and no silent evaluation on training images -----------------------------
+
+
+def test_eval_takes_the_runs_test_split_and_warns_about_training_images(tmp_path):
+    data = tmp_path / "images"  # class folders only: qing makes the train/val/test split
+    for cls, opacity in (("normal", False), ("opacity", True)):
+        (data / cls).mkdir(parents=True)
+        rng = np.random.default_rng(int(opacity))
+        for i in range(12):
+            image = qing.data.synthetic_cxr_image(rng, size=64, opacity=opacity)
+            image.save(data / cls / f"synthetic_p{100 * opacity + i:04d}_0.png")
+    trained = run_qing(*_train_args(data, "--output-dir", "run"), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+
+    rows = read_split_record(tmp_path / "run" / "splits.csv")
+    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
+    assert sum(map(len, by_split.values())) == 24 and all(by_split.values())
+    assert {r.patient for r in by_split["test"]}.isdisjoint(r.patient for r in by_split["train"])
+    assert all(r.relative_path == f"{r.label}/{r.path.name}" for r in rows)
+
+    test = run_qing("eval", "run", "images", "--split", "test", "-o", "ev-test", "--n-bootstrap", "10", cwd=tmp_path)
+    assert test.returncode == 0, test.stderr
+    with open(tmp_path / "ev-test" / "predictions.csv", newline="") as f:
+        evaluated = [(tmp_path / row["path"]).resolve() for row in csv.DictReader(f)]
+    assert sorted(evaluated) == sorted(r.path for r in by_split["test"])
+    assert "were used to train" not in test.stderr
+    assert f"the test split of run/splits.csv ({len(by_split['test'])} images)" in test.stdout
+
+    everything = run_qing("eval", "run", "images", "-o", "ev-all", "--n-bootstrap", "10", cwd=tmp_path)
+    assert everything.returncode == 0, everything.stderr
+    n_train, n_val = len(by_split["train"]), len(by_split["val"])
+    assert (
+        f"qing: warning: {n_train + n_val} of the 24 images were used to train ({n_train}) or validate ({n_val}) "
+        "this model, so its metrics on them are optimistic; evaluate on held-out images (qing eval run DATA "
+        "--split test takes the run's test split)"
+    ) in everything.stderr
+
+
+# ---- 13.5: published weights by default -----------------------------------------------------------------
+
+
+def test_train_starts_from_the_tags_published_weights_by_default(tmp_path, data_root, monkeypatch, caplog):
+    name = "qing_test_tr1.r160_in1k"  # its backbone: timm's test_resnet.r160_in1k on the Hub
+    backbone = qing.create_model("test_resnet", num_classes=0)
+    torch.manual_seed(5)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in backbone.state_dict().items()}
+    local = tmp_path / "weights" / "timm" / "test_resnet.r160_in1k" / "model.safetensors"
+    local.parent.mkdir(parents=True)
+    save_file(state, str(local))  # the qing weights directory holds a local copy of the tag's Hub weights
+    monkeypatch.setenv("QING_WEIGHTS_DIR", str(tmp_path / "weights"))
+    cfg = tiny_config(data_root, tmp_path / "run", model=name)
+    assert cfg.pretrained is None
+
+    with caplog.at_level("INFO", logger="qing.train"):
+        trainer = Trainer(cfg)
+    assert next(r for r in caplog.records if r.name == "qing.train").getMessage() == (
+        f"{name}: starting from the published weights of {name} (the default; pretrained=False trains from scratch)"
+    )
+    assert trainer.config.pretrained is True
+    loaded = trainer.model.backbone.state_dict()
+    common = [k for k in state if k in loaded]
+    assert len(common) > 10 and all(torch.equal(loaded[k], state[k]) for k in common)
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qing.train"):
+        scratch = Trainer(cfg.replace(pretrained=False))
+    first = next(r for r in caplog.records if r.name == "qing.train").getMessage()
+    assert first == f"{name}: training from scratch (random initialization): pretrained=False"
+    assert not torch.equal(scratch.model.backbone.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
+
+    # the weights missing: the command line offers its own flags, not Python code
+    no_weights = qing_env(QING_WEIGHTS_DIR=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
+    missing = run_qing(*_train_args(data_root, "--model", name, "--output-dir", "run2"), cwd=tmp_path, env=no_weights)
+    assert missing.returncode == 1
+    assert f"{name} not found" in _error(missing).splitlines()[0]
+    assert "pretrained_cfg_overlay" not in missing.stderr and "qing.create_model(" not in missing.stderr
+    assert missing.stderr.rstrip().endswith(
+        "For this run: --pretrained-file PATH loads a weights file you have; --no-pretrained trains from scratch "
+        "(random initialization)."
+    )
+    assert not (tmp_path / "run2").exists()
+    flags = run_qing("train", str(data_root), "--no-pretrained", "--print-config", cwd=tmp_path)
+    assert yaml.safe_load(flags.stdout)["pretrained"] is False
+
+
+# ---- 13.6 and 13.8: python -m qing.train, and the console of a Python run ---------------------------------
+
+
+def test_python_m_qing_train_on_an_existing_run_prints_one_line(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=1, tensorboard=False)
+    config_file = cfg.save(tmp_path / "run.yaml")
+    env = {**qing_env(), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "qing.train", str(config_file)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    last_line = second.stderr.splitlines()[-1]
+    assert last_line.startswith(f"python -m qing.train: error: {cfg.run_dir} already holds a run (")
+    assert last_line.endswith(
+        "; --resume continues it, --set overwrite=true replaces it (removing only what qing wrote), or give this "
+        "run another folder (--set output_dir=DIR)"
+    )
+
+
+_CONSOLE_SCRIPT = """
+import logging, sys
+from qing.train import TrainConfig, Trainer
+if sys.argv[2] == "quiet":
+    logging.getLogger("qing.train").setLevel(logging.WARNING)
+Trainer(TrainConfig.from_file(sys.argv[1])).fit()
+"""
+
+
+def test_fit_logs_one_line_per_epoch_to_the_console_unless_silenced(tmp_path, data_root):
+    env = {**qing_env(), "PYTHONPATH": str(REPO)}
+    for mode in ("default", "quiet"):
+        cfg = tiny_config(data_root, tmp_path / mode, epochs=2, tensorboard=False)
+        config_file = cfg.save(tmp_path / f"{mode}.yaml")
+        done = subprocess.run(
+            [sys.executable, "-c", _CONSOLE_SCRIPT, str(config_file), mode],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        epochs = [line for line in done.stderr.splitlines() if line.startswith("qing.train: epoch ")]
+        ours = [line for line in done.stderr.splitlines() if line.startswith("qing.train: ")]
+        if mode == "default":
+            assert [line.split(":")[1] for line in epochs] == [" epoch 1/2", " epoch 2/2"]
+            assert "train_loss=" in epochs[0] and "val_auroc=" in epochs[0]
+            assert ours[0] == (
+                "qing.train: qing_test_tr1: training from scratch (random initialization): qing_test_tr1 has no "
+                "published weights"
+            )
+        else:
+            assert ours == []
+        assert (cfg.run_dir / "train.log").read_text().count(" INFO qing.train: epoch ") == 2  # the log keeps them
+
+
+# ---- 14: the loss is read every log_every_steps steps, not every step ------------------------------------
+
+
+class _LossReads(TorchFunctionMode):
+    """Counts host reads (``.item()``, ``.tolist()``, ``float()``, ...) of tensors computed from a loss."""
+
+    READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy"})
+
+    def __init__(self):
+        super().__init__()
+        self.tainted: dict[int, weakref.ref] = {}
+        self.reads = 0
+
+    def _is_tainted(self, value) -> bool:
+        ref = self.tainted.get(id(value))
+        return ref is not None and ref() is value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        hit = any(isinstance(t, torch.Tensor) and self._is_tainted(t) for t in tree_leaves((args, kwargs)))
+        if hit and name in self.READS:
+            self.reads += 1
+        out = func(*args, **kwargs)
+        if hit or name in ("binary_cross_entropy_with_logits", "cross_entropy"):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.tainted[id(t)] = weakref.ref(t)
+        return out
+
+
+class _ReadsPerStep(Callback):
+    """Host reads of the loss during each optimizer step (validation reads between epochs are left out)."""
+
+    def __init__(self, mode: _LossReads):
+        self.mode, self.mark, self.per_step, self.losses = mode, 0, [], []
+
+    def on_step_end(self, trainer, *, epoch, step, loss):
+        self.per_step.append(self.mode.reads - self.mark)
+        self.mark = self.mode.reads
+        self.losses.append(loss)  # kept on the device: reading it here would count
+
+    def on_epoch_end(self, trainer, *, epoch, record):
+        self.mark = self.mode.reads
+
+
+def test_the_loss_is_read_once_per_log_every_steps_not_every_step(tmp_path, data_root):
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=2, log_every_steps=3)
+    mode = _LossReads()
+    probe = _ReadsPerStep(mode)
+    with mode:
+        result = Trainer(cfg, callbacks=[probe]).fit()
+    # 3 steps per epoch: one read after the 3rd step of each (the 3rd global step, and the end of the epoch)
+    assert probe.per_step == [0, 0, 1, 0, 0, 1]
+    losses = [float(loss) for loss in probe.losses]
+    np.testing.assert_allclose([h["train_loss"] for h in result.history], [np.mean(losses[:3]), np.mean(losses[3:])])
+    events = EventAccumulator(str(cfg.tensorboard_path), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [3, 6]
+    np.testing.assert_allclose([v for _, v in logged], [np.mean(losses[:3]), np.mean(losses[3:])], rtol=1e-6)
+
+
+def test_a_nan_loss_between_reads_is_found_at_the_next_read_with_its_step(tmp_path, data_root):
+    class Poison(Callback):
+        def on_step_end(self, trainer, *, epoch, step, loss):
+            if (epoch, step) == (1, 0):
+                with torch.no_grad():
+                    trainer.model.head.weight.fill_(float("nan"))
+
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=3, log_every_steps=1)
+    with pytest.raises(qing.train.NonFiniteLossError, match=r"^training loss is nan at epoch 2, step 2: stopping"):
+        Trainer(cfg, callbacks=[Poison()]).fit()
+    assert load_training_state(cfg.checkpoints_path / "last")["epoch"] == 1
+
+
+# ---- 18.3: bf16 autocast training on CPUs with bfloat16 instructions ---------------------------------------
+
+
+def test_bf16_training_on_cpu_where_supported_and_a_clear_error_elsewhere(tmp_path, data_root, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(CPU_BF16_ENV, "0")  # a CPU without bfloat16 instructions
+    with pytest.raises(ValueError, match=r"amp='bf16' on this CPU \(.*\) would emulate bfloat16: it has no bfloat16 "):
+        Trainer(tiny_config(data_root, tmp_path / "no", amp="bf16"))
+    assert resolve_amp("auto", cpu) is None
+    with pytest.raises(ValueError, match=r"amp='fp16' needs CUDA \(float16 autocast with a gradient scaler\)"):
+        resolve_amp("fp16", cpu)
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")  # a CPU with them (forced: this machine may have none)
+    assert resolve_amp("auto", cpu) == (torch.bfloat16 if CPU_AUTO_BF16 else None)  # the benchmark's decision
+    trainer = Trainer(tiny_config(data_root, tmp_path / "bf16", amp="bf16", epochs=1, tensorboard=False))
+    assert trainer.amp_dtype == torch.bfloat16
+    dtypes = []
+    linear = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    result = trainer.fit()
+    assert len(dtypes) == 3 + 1 and set(dtypes) == {torch.bfloat16}  # 3 training steps and validation, in bf16
+    assert all(t.dtype == torch.float32 for t in weights(result.best_checkpoint).values() if t.is_floating_point())
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+# ---- 13.10: training curves and the attention figure --------------------------------------------------------
+
+
+def test_training_curves_have_whole_epoch_ticks(tmp_path, monkeypatch):
+    from qing.evaluate import plots
+
+    figures = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.append(fig) or real(fig, path, **kw))
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_auroc": 0.5 + e / 10} for e in (1, 2, 3)]
+    plots.plot_training_curves(history, tmp_path / "curves.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_the_attention_figure_title_is_not_clipped_with_one_image(tmp_path):
+    model = qing.create_model("qing_test_tr1", num_classes=1, img_size=64).eval()
+    path = qing.explain.save_attention_overlays(model, torch.randn(1, 3, 64, 64), tmp_path / "attention.png")
+    pixels = np.asarray(Image.open(path).convert("L"))
+    title_band = pixels[: int(0.1 * pixels.shape[0])]
+    assert (title_band < 128).any()  # the title is drawn
+    # and ends before the figure does: no dark pixel in the outer 2% of columns of the title band
+    edge = max(2, pixels.shape[1] // 50)
+    assert (title_band[:, :edge] > 200).all() and (title_band[:, -edge:] > 200).all()

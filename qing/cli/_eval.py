@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -40,10 +41,13 @@ from qing.data import (
     read_label_csv,
     read_list_file,
 )
+from qing.data.split_record import SPLIT_RECORD, RecordedImage, read_split_record
 from qing.evaluate import collect_logits, evaluate_logits
+from qing.train.run_folder import read_marker
 
 EPILOG = """\
 examples:
+  qing eval runs/pneumonia data/chest_xray --split test    # exactly the run's test images (its splits.csv)
   qing eval runs/pneumonia data/chest_xray                 # DATA/test/<CLASS>/* (or DATA/<CLASS>/*)
   qing eval runs/pneumonia data/chest_xray --split val
   qing eval runs/pneumonia manifest.csv --label-column label --output reports/pneumonia
@@ -52,10 +56,15 @@ examples:
 
 DATA is a folder of class folders, a CSV (a class-name column, one 0/1 column per model output, or
 NIH's "Finding Labels" column of |-separated findings, "No Finding" = none) or a ChestX-ray14 list
-file (image name, then one 0/1 per output). Class names must match the model's labels (a binary
+file (image name, then one 0/1 per output). When MODEL is a qing train run (or its checkpoints/best)
+and DATA is the data it trained on, --split takes the images of that split from the run's
+splits.csv: the split qing made, patients kept apart. Images the run trained or validated on are
+counted and warned about, whatever DATA is. Class names must match the model's labels (a binary
 model: its positive class and one other). Decisions use the model's stored thresholds, else 0.5.
 The output folder gets report.html/report.md, metrics.json, figures and predictions.csv.
 """
+
+_log = logging.getLogger("qing.cli")
 
 _SPLITS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 
@@ -72,7 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("data", metavar="DATA", type=Path, help="class folders, labels CSV or list file")
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--split", choices=sorted(_SPLITS), help="which split of DATA (default: test where DATA has splits)"
+        "--split",
+        choices=sorted(_SPLITS),
+        help="which split: the run's recorded one (splits.csv) for the data it trained on, else DATA's own "
+        "train/val/test folders or split column (default: test where DATA has splits)",
     )
     data.add_argument("--split-column", metavar="COLUMN", help="CSV column assigning rows to train/val/test")
     data.add_argument(
@@ -156,11 +168,21 @@ def _class_targets(
     return [labels.index(_match(name, labels)) for _, name in items], None
 
 
-def read_samples(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
-    """``(samples, binary negative class name, description)`` of DATA for the model's outputs."""
+def read_samples(
+    args: argparse.Namespace, loaded: LoadedModel, record: Optional[Path] = None
+) -> tuple[list[Any], Optional[str], str]:
+    """``(samples, binary negative class name, description)`` of DATA for the model's outputs.
+
+    With ``--split`` and the split record of the model's run (``record``) that matches DATA, the
+    samples are the images the run put in that split.
+    """
     data: Path = args.data
     if not data.exists():
         raise CLIError(f"DATA {data} does not exist; give a folder of class folders, a labels CSV or a list file")
+    if args.split is not None and record is not None:
+        recorded = _recorded_split(record, args.split, _data_folder(args))
+        if recorded is not None:
+            return _recorded_samples(recorded, loaded, f"the {args.split} split of {short_path(record)}")
     if data.is_dir():
         folder = _class_folder(data, args.split)
         items, classes = read_class_folders(folder)
@@ -227,6 +249,90 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
     return [Sample(r.path, t) for r, t in zip(rows, targets)], negative, f"{source} ({len(rows)} images)"
 
 
+# ---- a run's recorded split ------------------------------------------------------------------------
+
+
+def find_split_record(model: str) -> Optional[Path]:
+    """The ``splits.csv`` of the run a MODEL argument comes from (a run folder or its checkpoints/best)."""
+    path = Path(model.removeprefix("local-dir:")).expanduser()
+    if not path.is_dir():
+        return None
+    for folder in (path, path.parent.parent):
+        if (folder / SPLIT_RECORD).is_file():
+            return folder / SPLIT_RECORD
+    marker = read_marker(path.parent)  # a checkpoint folder outside the run folder (checkpoint_dir)
+    if marker is not None and (Path(marker["run"]) / SPLIT_RECORD).is_file():
+        return Path(marker["run"]) / SPLIT_RECORD
+    return None
+
+
+def _data_folder(args: argparse.Namespace) -> Path:
+    """The folder DATA's image paths start from: DATA itself, --image-dir, or the CSV / list file's folder."""
+    if args.data.is_dir():
+        return args.data
+    return args.image_dir if args.image_dir is not None else args.data.parent
+
+
+def _recorded_split(record: Path, split: str, base: Path) -> Optional[list[tuple[Path, RecordedImage]]]:
+    """The recorded images of ``split`` found under ``base``; ``None`` when DATA is other data than the run's."""
+    rows = read_split_record(record, splits=(split,))
+    if not rows:
+        raise CLIError(f"{record} lists no {split} images")
+    found, missing = [], []
+    for row in rows:
+        path = base / row.relative_path if row.relative_path else None
+        if path is not None and path.is_file():
+            found.append((path, row))
+        else:
+            missing.append(row.relative_path or str(row.path))
+    if not found:
+        return None  # other data: DATA's own splits apply
+    if missing:
+        raise CLIError(
+            f"{len(missing)} of the {len(rows)} {split} images recorded in {record} are not under {base} "
+            f"(e.g. {missing[0]}); give the data the run trained on, as it was"
+        )
+    return found
+
+
+def _recorded_samples(
+    found: list[tuple[Path, RecordedImage]], loaded: LoadedModel, source: str
+) -> tuple[list[Any], Optional[str], str]:
+    if loaded.task == "multilabel":
+        unknown = sorted({name for _, r in found for name in r.labels} - set(loaded.labels))
+        if unknown:
+            raise CLIError(f"{source} has labels the model does not predict: {', '.join(unknown)}")
+        targets: list[Any] = [tuple(int(name in r.labels) for name in loaded.labels) for _, r in found]
+        negative = None
+    else:
+        classes = sorted({r.label for _, r in found})
+        targets, negative = _class_targets([(p, r.label) for p, r in found], classes, loaded, source)
+    samples = [Sample(p, t, r.patient) for (p, r), t in zip(found, targets)]
+    return samples, negative, f"{source} ({len(samples)} images)"
+
+
+def _seen_in_training(record: Path, paths: list[Path], base: Path) -> dict[str, int]:
+    """How many of ``paths`` the run trained and validated on (``{"train": n, "val": m}``)."""
+    seen: dict[Path, str] = {}
+    for row in read_split_record(record, splits=("train", "val")):
+        seen[_real(row.path)] = row.split
+        if row.relative_path:
+            seen[_real(base / row.relative_path)] = row.split
+    counts = {"train": 0, "val": 0}
+    for path in paths:
+        split = seen.get(_real(path))
+        if split is not None:
+            counts[split] += 1
+    return counts
+
+
+def _real(path: Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except OSError:
+        return Path(path).absolute()
+
+
 # ---- running -------------------------------------------------------------------------------------
 
 
@@ -235,7 +341,17 @@ def run(args: argparse.Namespace) -> int:
     check_new_folder(out, overwrite=args.overwrite)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device, threshold=args.threshold)
-    samples, negative, description = read_samples(args, loaded)
+    record = find_split_record(args.model)
+    samples, negative, description = read_samples(args, loaded, record)
+    if record is not None:
+        seen = _seen_in_training(record, [s.path for s in samples], _data_folder(args))
+        if seen["train"] or seen["val"]:
+            _log.warning(
+                "%d of the %d images were used to train (%d) or validate (%d) this model, so its metrics on "
+                "them are optimistic; evaluate on held-out images (qing eval %s DATA --split test takes the "
+                "run's test split)",
+                seen["train"] + seen["val"], len(samples), seen["train"], seen["val"], args.model,
+            )  # fmt: skip
     transform = build_transforms(loaded.model, train=False)
     dataset = CXRDataset(samples, task=loaded.task, transform=transform)
 

@@ -7,6 +7,8 @@ Both go through ``huggingface_hub``, so ``HF_ENDPOINT`` (another Hub), ``HF_TOKE
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,22 @@ from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_ne
 from qing.cli._space import push_space
 from qing.hub import download_model_folder, push_to_hub
 
+_log = logging.getLogger("qing.cli")
+
 PUSH_EPILOG = """\
 examples:
   qing push runs/pneumonia me/cxr-pneumonia                 # the run's checkpoints/best
   qing push chexnet-qing me/chexnet --private --message "CheXNet, converted"
   qing push runs/pneumonia me/cxr-pneumonia --revision experiment-2
+  qing push runs/pneumonia me/cxr-pneumonia --token-file ~/.config/hf-write-token
   HF_ENDPOINT=https://hub.example.org qing push runs/pneumonia team/cxr
   qing push space/ me/cxr-pneumonia-demo --repo-type space  # a folder from qing app --export-space
 
 The repo gets model.safetensors, config.json (preprocessing, labels, thresholds, metrics) and a model
-card. The token comes from --token, HF_TOKEN or `hf auth login`. Pushing needs the network:
-HF_HUB_OFFLINE=1 is refused. Load the result with qing predict hf-hub:REPO_ID or qing pull.
+card. The token: best from HF_TOKEN or `hf auth login`; --token-file FILE reads it from a file (keep
+it private: chmod 600). A token typed with --token shows in `ps` and in the shell history.
+Pushing needs the network: HF_HUB_OFFLINE=1 is refused. Load the result with qing predict
+hf-hub:REPO_ID or qing pull.
 With --repo-type space, DIR is a Space folder and is uploaded as it is (the Space is created if needed).
 """
 
@@ -56,7 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("repo_id", metavar="REPO_ID", help="owner/name (created if it does not exist)")
     push.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created from main if needed)")
     push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
+    token = push.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="read the Hub token from FILE (default: HF_TOKEN or the login)"
+    )
+    token.add_argument(
+        "--token", metavar="TOKEN", help="Hub token (shows in `ps` and shell history: prefer HF_TOKEN, --token-file)"
+    )
     push.add_argument("--message", metavar="TEXT", help="commit message (default: Upload model/Space with qing)")
     push.add_argument(
         "--repo-type",
@@ -84,14 +97,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.set_defaults(func=run_pull)
 
 
+def read_token_file(path: Path) -> str:
+    """The Hub token in ``path`` (surrounding whitespace removed); warns when others may read the file."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise CLIError(f"--token-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"--token-file {path}: cannot read it ({err})") from None
+    if not text or len(text.split()) != 1:
+        words = len(text.split())
+        raise CLIError(f"--token-file {path} must hold the token alone (one word, e.g. hf_...); it holds {words}")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        _log.warning("--token-file %s can be read by other users; restrict it with chmod 600 %s", path, path)
+    return text
+
+
 def run_push(args: argparse.Namespace) -> int:
     if constants.HF_HUB_OFFLINE:
         raise CLIError("pushing needs the network but HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0)")
+    token = _push_token(args)
     if args.repo_type == "space":
-        return _push_space(args)
+        return _push_space(args, token)
+    _check_local_source(args.dir)
     loaded = load_model(args.dir, device=torch.device("cpu"))
     commit = push_to_hub(
-        loaded.model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
+        loaded.model, args.repo_id, revision=args.revision, private=args.private, token=token,
         commit_message=args.message or "Upload model with qing",
     )  # fmt: skip
     repo_id = _repo_from_url(str(commit), args.repo_id)
@@ -103,7 +134,20 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _push_space(args: argparse.Namespace) -> int:
+def _push_token(args: argparse.Namespace) -> str | None:
+    """The token from --token (with a warning), --token-file, or None (HF_TOKEN or the saved login)."""
+    if args.token is not None:
+        _log.warning(
+            "a token given with --token shows in `ps` and in your shell history; prefer the HF_TOKEN environment "
+            "variable, `hf auth login`, or --token-file FILE"
+        )
+        return args.token
+    if args.token_file is not None:
+        return read_token_file(args.token_file)
+    return None
+
+
+def _push_space(args: argparse.Namespace, token: str | None) -> int:
     folder = Path(args.dir)
     if not folder.is_dir():
         raise CLIError(f"{folder} is not a folder; --repo-type space uploads a Space folder (qing app --export-space)")
@@ -112,13 +156,24 @@ def _push_space(args: argparse.Namespace) -> int:
         args.repo_id,
         revision=args.revision,
         private=args.private,
-        token=args.token,
+        token=token,
         commit_message=args.message or "Upload Space with qing",
     )
     print(f"pushed the Space {short_path(folder)} to {repo_id} on {constants.ENDPOINT}")
     print(f"commit: {commit}")
     print(f"the Space: {constants.ENDPOINT}/spaces/{repo_id} (it builds and starts there in a few minutes)")
     return 0
+
+
+def _check_local_source(spec: str) -> None:
+    """DIR written as a path must exist (push uploads a local model; no Hub repo hint for a typo)."""
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return
+    path = Path(spec).expanduser()
+    if ("/" in spec or spec.startswith((".", "~"))) and not path.exists():
+        raise CLIError(
+            f"DIR {spec} does not exist; give a model folder or a run folder (as qing train --output-dir wrote it)"
+        )
 
 
 def _repo_from_url(url: str, given: str) -> str:

@@ -25,6 +25,7 @@ from qing.cli._common import CLIError, HelpFormatter, add_common_flags, short_pa
 from qing.data import DataConfig
 from qing.train import PRESETS, TrainConfig, Trainer
 from qing.train.config import apply_overrides
+from qing.train.wording import option_style
 
 EPILOG = """\
 examples:
@@ -37,8 +38,12 @@ examples:
 
 DATA is a folder of class folders (DATA/<CLASS>/* or DATA/{train,val,test}/<CLASS>/*), a labels CSV
 (--labels-csv) or a ChestX-ray14 list file (--train-list). The run folder gets checkpoints/best and
-checkpoints/last (model folders that qing eval/predict/push take), tensorboard/, report/, train.log
-and config.yaml. An existing run is never replaced: use --resume to continue it or --overwrite.
+checkpoints/last (model folders that qing eval/predict/push take), tensorboard/, report/, train.log,
+config.yaml and splits.csv (the images of each split: qing eval RUN DATA --split test evaluates on
+exactly the run's test images). The model starts from the tag's published weights where it has them
+(--no-pretrained: from scratch; --pretrained-file: your own file); the first log line says which.
+An existing run is never replaced: --resume continues it, --overwrite removes what qing wrote there
+(never other files). A second run on the same folder fails at once, naming the first one.
 Flags map to TrainConfig / DataConfig fields (python -m qing.train runs a config file as well).
 """
 
@@ -110,9 +115,11 @@ def _flag_kwargs(name: str, hint: Any, default: Any, doc: str) -> dict[str, Any]
     inner, optional = _unwrap_optional(hint)
     origin, args = typing.get_origin(inner), typing.get_args(inner)
     shown = default if not callable(default) else None
+    if inner is bool and default is None:
+        shown = "auto"
     help_text = f"{doc} [default: {shown}]" if doc else f"[default: {shown}]"
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-    if inner is bool and not optional:
+    if inner is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif inner in (int, float, str):
         kwargs["type"] = _nullable(inner) if optional else inner
@@ -231,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    result = Trainer(config).fit()
+    with option_style("cli"):  # the trainer's messages name --resume, --lr 0.001, ... as flags
+        result = Trainer(config).fit()
     best = short_path(result.best_checkpoint)
     print(f"run folder: {short_path(result.run_dir)}")
     print(f"best checkpoint: {best} (epoch {result.best_epoch}, {result.monitor}={result.best_value:.4g})")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from qing.data.config_fields import check_fields
 from qing.data.dataset import BadFileLog, CXRDataset
 from qing.data.image_io import ImageLoadError, check_image_header, load_image
 from qing.data.samples import (
@@ -157,6 +158,7 @@ class DataConfig:
     hflip_prob: float = 0.0
 
     def __post_init__(self) -> None:
+        check_fields(self, "data")  # YAML reads 1e-4 as a string: numbers become numbers, wrong types are named
         self.scale = tuple(self.scale)
         self.patient_regex = resolve_patient_regex(self.patient_regex)
         if self.task not in ("auto", "binary", "multiclass", "multilabel"):

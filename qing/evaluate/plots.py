@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, roc_curve
 
 from qing._io import save_figure
@@ -111,6 +112,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike) -
             values = [row.get(k) for row in history]
             ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", markersize=3, label=k)
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.5 ticks
         if title == "learning rate" and all(v > 0 for k in ks for v in (row.get(k) for row in history) if v):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

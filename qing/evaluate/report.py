@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from qing._format import MISSING, format_value
+from qing._io import write_text_atomic
 from qing.evaluate.plots import plot_confusion_matrix, plot_pr_curves, plot_roc_curves, plot_training_curves
 from qing.explain import save_attention_overlays, save_feature_maps_figure
 from qing.version import __version__
@@ -295,7 +296,7 @@ def write_report(
         raise ValueError("model and images go together: pass both for the attention and feature-map figures")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
     figures: dict[str, Optional[str]] = {}
     if history:
@@ -321,7 +322,7 @@ def write_report(
         metrics, figures=figures, n_shown=n_shown, bad_files=bad_files, attention_method=attention_method
     )
     title = title or "qing evaluation report"
-    (out / "report.md").write_text(_render_markdown(title, sections))
+    write_text_atomic(out / "report.md", _render_markdown(title, sections))
     path = out / "report.html"
-    path.write_text(_render_html(title, sections))
+    write_text_atomic(path, _render_html(title, sections))
     return path

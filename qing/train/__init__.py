@@ -15,6 +15,7 @@ from qing.train.config import PRESETS, TrainConfig, apply_overrides
 from qing.train.distributed import DistEnv, init_distributed
 from qing.train.early_stopping import EarlyStopping
 from qing.train.optim import LRSchedule, build_optimizer, param_groups
+from qing.train.run_folder import RunFolderBusyError, RunFolderError
 from qing.train.trainer import Callback, NonFiniteLossError, RunResult, Trainer
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "EarlyStopping",
     "LRSchedule",
     "NonFiniteLossError",
+    "RunFolderBusyError",
+    "RunFolderError",
     "RunResult",
     "TrainConfig",
     "Trainer",

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
+from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 from timm.utils import unwrap_model
 from torch import nn
 
+from qing._io import fsync_dir
 from qing.hub import save_pretrained
 
 __all__ = [
@@ -141,26 +143,69 @@ def save_checkpoint(
     )
 
 
-def find_checkpoint(directory: Union[str, os.PathLike]) -> Optional[Path]:
+def find_checkpoint(
+    directory: Union[str, os.PathLike], *, repair: bool = True, require_state: bool = False
+) -> Optional[Path]:
     """The complete checkpoint at ``directory``, repairing an interrupted replacement.
 
-    :func:`qing.hub.save_pretrained` moves an old folder aside (``.<name>.old-*``) just before
-    renaming the new one into place; a kill between the two renames leaves only the old
-    copy, which is moved back. Half-written staging folders (``.<name>.*.tmp``) are removed.
+    :func:`qing.hub.save_pretrained` builds a new folder beside the old one (``.<name>.*.tmp``),
+    moves the old one aside (``.<name>.old-*``), renames the new one into place and then deletes
+    the old one. A kill between the two renames leaves no ``directory``: the newest *complete*
+    copy set aside is moved back (newest by the training state's epoch and step, else by time;
+    a copy whose deletion was interrupted is incomplete and never chosen). Half-written staging
+    folders and copies left aside beside a complete checkpoint are removed.
+
+    Args:
+        directory: The checkpoint folder (e.g. ``checkpoints/last``).
+        repair: Move back and clean up as described; ``False`` only looks (processes other than
+            the first of a ``torchrun`` job look, after the first one repaired).
+        require_state: Complete means with a readable training state too (a ``last`` checkpoint).
 
     Returns:
-        The folder, or ``None`` when there is no checkpoint.
+        The folder, or ``None`` when there is no complete checkpoint.
     """
     directory = Path(directory)
     parent = directory.parent
-    if parent.is_dir():
+    if repair and parent.is_dir():
         for staging in parent.glob(f".{directory.name}.*.tmp"):
             shutil.rmtree(staging, ignore_errors=True)
+        aside = [p for p in parent.glob(f".{directory.name}.old-*") if p.is_dir()]
         if not directory.exists():
-            old = sorted(parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
-            if old:
-                os.replace(old[-1], directory)
-    return directory if (directory / SAFETENSORS_SINGLE_FILE).is_file() else None
+            complete = [p for p in aside if _complete(p, require_state)]
+            if complete:
+                newest = max(complete, key=_recency)
+                os.replace(newest, directory)
+                fsync_dir(parent)
+                aside.remove(newest)
+        if _complete(directory, require_state):
+            for old in aside:  # older versions, or ones whose deletion was interrupted
+                shutil.rmtree(old, ignore_errors=True)
+    return directory if _complete(directory, require_state) else None
+
+
+def _complete(folder: Path, require_state: bool) -> bool:
+    """Every file of a checkpoint folder is there and readable (JSON parses, safetensors headers check out)."""
+    try:
+        json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        with safe_open(str(folder / SAFETENSORS_SINGLE_FILE), framework="pt") as f:
+            f.keys()
+        if require_state or (folder / STATE_JSON).exists():
+            json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+            with safe_open(str(folder / STATE_TENSORS), framework="pt") as f:
+                f.keys()
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return True
+
+
+def _recency(folder: Path) -> tuple[int, int, float]:
+    """(epoch, step, modification time) of a checkpoint folder, for choosing the newest copy."""
+    try:
+        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        epoch, step = int(state.get("epoch", -1)), int(state.get("global_step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        epoch, step = -1, -1
+    return epoch, step, (folder / SAFETENSORS_SINGLE_FILE).stat().st_mtime
 
 
 def load_model_weights(directory: Union[str, os.PathLike], model: nn.Module) -> None:

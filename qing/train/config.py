@@ -37,7 +37,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from qing._io import write_text_atomic
 from qing.data import DataConfig
+from qing.data.config_fields import check_fields
 
 __all__ = ["PRESETS", "TrainConfig", "apply_overrides"]
 
@@ -87,7 +89,9 @@ class TrainConfig:
 
     Attributes:
         model: qing/timm model name, optionally ``.tag`` (e.g. ``"qing_densenet121_tr2.chexnet"``).
-        pretrained: Load the tag's weights.
+        pretrained: Start from the tag's published weights. ``None`` (the default): where the tag
+            has them (``qing models`` lists which do), else from scratch; the first log line says
+            which. ``False`` trains from scratch.
         pretrained_file: Local weights file for the tag (e.g. CheXNet's ``model.pth.tar``); a
             missing file is an error.
         num_classes: Expected number of outputs; ``None`` takes it from the data.
@@ -127,7 +131,8 @@ class TrainConfig:
         ema: Keep an exponential moving average of the weights (``timm.utils.ModelEmaV3``); it is
             what is validated, saved as best and reported.
         ema_decay: EMA decay per step.
-        amp: ``"auto"`` (bf16 on CUDA when supported, else off), ``"bf16"``, ``"fp16"`` or ``"none"``.
+        amp: Mixed precision: ``"auto"`` (bf16 on CUDA GPUs that support it, else float32),
+            ``"bf16"`` (CUDA, or CPUs with bfloat16 instructions), ``"fp16"`` (CUDA) or ``"none"``.
         channels_last: Use the channels-last memory format.
         compile: ``torch.compile`` the training model.
         sync_batchnorm: Synchronize BatchNorm statistics across DDP processes (CUDA only).
@@ -150,13 +155,15 @@ class TrainConfig:
         tensorboard: Write TensorBoard events.
         log_images: Images shown in TensorBoard and the report (0 disables images, feature and
             attention maps).
-        log_every_steps: Step interval of TensorBoard training-loss scalars.
+        log_every_steps: Steps between reads of the training loss: the loss stays on the device
+            in between (no per-step wait), TensorBoard gets the mean over those steps, and a
+            NaN/inf loss is found at the next read.
         progress: Show tqdm progress bars.
         report: Choose thresholds, evaluate on test and write the report at the end.
     """
 
     model: str = "qing_densenet121_tr2"
-    pretrained: bool = False
+    pretrained: Optional[bool] = None
     pretrained_file: Optional[str] = None
     num_classes: Optional[int] = None
     in_chans: int = 3
@@ -215,12 +222,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = _from_dict(DataConfig, self.data, "data")
+        if not isinstance(self.data, DataConfig):
+            raise ValueError(f"data must be a mapping of DataConfig fields, got {self.data!r}")
+        check_fields(self, "", skip=("data",))  # YAML reads 1e-4 as a string: numbers become numbers
         checks = [
             (self.scheduler in _SCHEDULERS, f"scheduler must be one of {_SCHEDULERS}, got {self.scheduler!r}"),
             (self.amp in _AMP, f"amp must be one of {_AMP}, got {self.amp!r}"),
             (self.in_chans in (1, 3), f"in_chans must be 1 or 3, got {self.in_chans}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.trainable_backbone_layers >= 0, "trainable_backbone_layers must be >= 0"),
             (self.early_stopping_metric.startswith("val_"), "early_stopping_metric must be val_loss or val_<metric>"),
@@ -309,10 +320,9 @@ class TrainConfig:
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)
-        path.write_text(text)
+        write_text_atomic(path, text)
         return path
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -18,14 +18,15 @@ import contextlib
 import logging
 import math
 import os
-import shutil
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from qing._factory import create_model
+from qing._io import write_text_atomic
 from qing.data import (
     BadFileLog,
     BadImage,
@@ -44,6 +46,7 @@ from qing.data import (
     load_splits,
     resolve_image_config,
 )
+from qing.data.split_record import SPLIT_RECORD, data_folder, split_record_csv
 from qing.evaluate import (
     CUDAUnavailableError,
     Evaluation,
@@ -53,9 +56,11 @@ from qing.evaluate import (
     resolve_device,
 )
 from qing.meta import set_meta
+from qing.train.amp import resolve_amp
 from qing.train.checkpoint import find_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from qing.train.config import TrainConfig
 from qing.train.distributed import (
+    DistEnv,
     all_gather_objects,
     all_reduce_mean,
     barrier,
@@ -64,7 +69,17 @@ from qing.train.distributed import (
 )
 from qing.train.early_stopping import EarlyStopping
 from qing.train.optim import LRSchedule, build_optimizer
+from qing.train.run_folder import (
+    OutputFolder,
+    RunFolderError,
+    RunFolderLock,
+    inspect_folder,
+    record_entries,
+    remove_entries,
+)
 from qing.train.tb import TensorBoardLogger
+from qing.train.wording import current_style, option
+from qing.weights import WeightsNotFoundError
 
 __all__ = ["Callback", "NonFiniteLossError", "RunResult", "Trainer"]
 
@@ -80,6 +95,9 @@ VAL_METRICS = {
     "specificity": "specificity",
 }
 _REPORT_IMAGES = 4
+_TRAIN_LOG = "train.log"
+_CONFIG_FILE = "config.yaml"
+_STATE_FORMAT = 1  # of checkpoints/last/training_state.json
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,8 +107,13 @@ class NonFiniteLossError(FloatingPointError):
 class Callback:
     """Hooks into :meth:`Trainer.fit`; override what you need (every process calls them)."""
 
-    def on_step_end(self, trainer: Trainer, *, epoch: int, step: int, loss: float) -> None:
-        """After optimizer update ``step`` (0-based within ``epoch``, 0-based) with the global mean loss."""
+    def on_step_end(self, trainer: Trainer, *, epoch: int, step: int, loss: torch.Tensor) -> None:
+        """After optimizer update ``step`` (0-based within ``epoch``, 0-based).
+
+        ``loss`` is this process's loss of the step, a detached 0-d tensor still on the device:
+        ``float(loss)`` makes the host wait for the device, which the trainer itself does only every
+        ``log_every_steps`` steps.
+        """
 
     def on_epoch_end(self, trainer: Trainer, *, epoch: int, record: dict[str, Any]) -> None:
         """After epoch ``epoch`` (0-based) was validated and checkpointed; ``record`` is its history row."""
@@ -202,10 +225,12 @@ class Trainer:
         self.env = init_distributed(self.device.type)
         try:
             with self._record_setup_log():
+                self._check_output_folders()
+                self.config = self._resolve_pretrained()
                 self._set_determinism()
                 self.splits = self._load_splits()
                 self._model = self._create_model(self.splits)
-                self.data_config = resolve_image_config(self._model, img_size=config.img_size)
+                self.data_config = resolve_image_config(self._model, img_size=self.config.img_size)
                 self.amp_dtype = self._resolve_amp()
                 self.datasets = self._build_datasets()
                 self.loaders = self._build_loaders()
@@ -215,6 +240,7 @@ class Trainer:
                 self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
                 self.ema = ModelEmaV3(self._model, decay=config.ema_decay) if config.ema else None
                 self.stopper = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience)
+                self._folders = self._output_folders()
                 self.train_model = self._wrap_model()
         except BaseException:
             shutdown_distributed(self.env)
@@ -223,24 +249,37 @@ class Trainer:
     # ---- public ------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        """Train, validate, checkpoint, choose thresholds, test and report.
+        """Claim the run folder, train, validate, checkpoint, choose thresholds, test and report.
+
+        Before anything is written the run folder is locked (a second run on it fails at once)
+        and checked: an earlier run there needs ``resume`` (continue it from ``checkpoints/last``)
+        or ``overwrite`` (remove what it wrote, nothing else); files qing did not write are never
+        replaced. ``config.yaml`` and ``splits.csv`` are written once a resume has succeeded.
 
         Returns:
             A :class:`RunResult` (the same on every process).
 
         Raises:
             NonFiniteLossError: The loss became NaN/inf (``checkpoints/last`` keeps the last good epoch).
-            FileExistsError: ``output_dir`` holds an earlier run and neither ``resume`` nor ``overwrite`` is set.
+            RunFolderError: The folders hold an earlier run (and neither ``resume`` nor ``overwrite``
+                is set), files qing did not write, or another run's output.
+            RunFolderBusyError: Another run is using the run folder.
+            FileNotFoundError: ``resume`` but there is no complete, resumable ``checkpoints/last``.
             RuntimeError: ``fit()`` already ran on this trainer.
         """
         if self._fitted:
             raise RuntimeError("fit() already ran on this Trainer; create a new one (resume=True continues its run)")
         self._fitted = True
         cfg = self.config
+        lock = RunFolderLock(cfg.run_dir) if self.env.is_main else None
         try:
-            last = self._check_run_dir()
-            self._claim_run_dir()
-            with self._log_to_file():
+            with self._record_setup_log():  # what preparing the folder logs goes to train.log too
+                self._on_main(lock.acquire if lock is not None else None)
+                last = self._on_main(self._prepare_run_dir)
+            barrier(self.env)
+            if last is not None and not self.env.is_main:
+                last = find_checkpoint(last, repair=False, require_state=True)
+            with self._run_logging(train_log=True):
                 _log.info(
                     "training %s (%.2fM parameters, %.2fM trainable) on %s x %d process(es); %s: %s, outputs %s, "
                     "%d train / %d val / %d test images",
@@ -251,17 +290,16 @@ class Trainer:
                 )  # fmt: skip
                 if last is not None:
                     self._resume(last)
-                self.tb = TensorBoardLogger(
-                    cfg.tensorboard_path,
-                    enabled=cfg.tensorboard and self.env.is_main,
-                    purge_step=self.global_step + 1 if last is not None else None,
-                )
+                self._on_main(self._write_run_files)
+                self.tb = self._open_tensorboard(resumed=last is not None)
                 self.tb_images = self._sample_images("val", cfg.log_images)
                 self._train_loop()
                 return self._finish()
         finally:
             if self.tb is not None:
                 self.tb.close()
+            if lock is not None:
+                lock.release()
             shutdown_distributed(self.env)
 
     @property
@@ -292,8 +330,59 @@ class Trainer:
         if not self.env.is_main:
             yield
             return
-        with _qing_log_to(_Records(self._setup_records)):
+        with _qing_logging([_Records(self._setup_records)], console=True):
             yield
+
+    def _check_output_folders(self) -> None:
+        """The run's folders must differ (a marker file per folder says what qing wrote there)."""
+        cfg = self.config
+        named = {
+            "output_dir": cfg.run_dir,
+            "checkpoint_dir": cfg.checkpoints_path,
+            "log_dir": cfg.tensorboard_path,
+            "report_dir": cfg.report_path,
+        }
+        seen: dict[Path, str] = {}
+        for setting, path in named.items():
+            key = path.expanduser().resolve()
+            if key in seen:
+                raise ValueError(
+                    f"{option(seen[key])} and {option(setting)} are the same folder ({path}); give each its own"
+                )
+            seen[key] = setting
+
+    def _resolve_pretrained(self) -> TrainConfig:
+        """Decide ``pretrained=None`` (the tag's published weights where it has them) and say which, first."""
+        cfg = self.config
+        if cfg.pretrained_file:
+            if cfg.pretrained is False:
+                raise ValueError(
+                    f"{option('pretrained_file')} is set but {option('pretrained', False)}: drop one of them"
+                )
+            if not Path(cfg.pretrained_file).is_file():
+                raise FileNotFoundError(f"{option('pretrained_file')}: no such file: {cfg.pretrained_file}")
+            _log.info("%s: starting from the weights in %s", cfg.model, cfg.pretrained_file)
+            return cfg.replace(pretrained=True)
+        pretrained = cfg.pretrained
+        weights = _published_weights(cfg.model)
+        if pretrained is None:
+            pretrained = weights is not None
+            if pretrained:
+                _log.info(
+                    "%s: starting from the published weights of %s (the default; %s trains from scratch)",
+                    cfg.model, weights, option("pretrained", False),
+                )  # fmt: skip
+            else:
+                _log.info(
+                    "%s: training from scratch (random initialization): %s has no published weights",
+                    cfg.model, cfg.model,
+                )  # fmt: skip
+            return cfg.replace(pretrained=pretrained)
+        if pretrained:
+            _log.info("%s: starting from the published weights of %s", cfg.model, weights or cfg.model)
+        else:
+            _log.info("%s: training from scratch (random initialization): %s", cfg.model, option("pretrained", False))
+        return cfg
 
     def _set_determinism(self) -> None:
         if self.config.deterministic:
@@ -326,14 +415,13 @@ class Trainer:
             kwargs["img_size"] = cfg.img_size
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})  # model_args may set preprocessing
         if cfg.pretrained_file:
-            if not Path(cfg.pretrained_file).is_file():
-                raise FileNotFoundError(f"pretrained_file not found: {cfg.pretrained_file}")
-            if not cfg.pretrained:
-                raise ValueError("pretrained_file is set but pretrained=False; set pretrained=True to load it")
             overlay["file"] = str(cfg.pretrained_file)
         overlay = overlay or None
         random_seed(cfg.seed, 0)  # the same initial weights on every process
-        model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+        try:
+            model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+        except WeightsNotFoundError as err:
+            raise WeightsNotFoundError(_weights_hint(str(err))) from None
         data_cfg = resolve_image_config(model, img_size=cfg.img_size)
         model.pretrained_cfg = {
             **model.pretrained_cfg,
@@ -345,12 +433,16 @@ class Trainer:
         set_meta(model, task=splits.task, datasets=[_dataset_name(cfg)], negative_label=negative)
         if cfg.freeze_backbone:
             if not hasattr(model, "freeze_backbone"):
-                raise ValueError(f"freeze_backbone needs a qing CNN-Transformer; {cfg.model} has no freeze_backbone()")
+                raise ValueError(
+                    f"{option('freeze_backbone')} needs a qing CNN-Transformer; {cfg.model} has no freeze_backbone()"
+                )
             if not cfg.pretrained:
                 _log.warning(
-                    "freeze_backbone=True with pretrained=False freezes a randomly initialized backbone; "
-                    "set pretrained=True (and pretrained_file) or freeze_backbone=False"
-                )
+                    "%s with %s freezes a randomly initialized backbone; drop %s, or start from weights "
+                    "(%s, or %s)",
+                    option("freeze_backbone", True), option("pretrained", False), option("freeze_backbone", True),
+                    option("pretrained", True), option("pretrained_file", "PATH"),
+                )  # fmt: skip
             model.freeze_backbone(cfg.trainable_backbone_layers)
         model.to(self.device)
         if cfg.channels_last:
@@ -358,14 +450,10 @@ class Trainer:
         return model
 
     def _resolve_amp(self) -> Optional[torch.dtype]:
-        amp = self.config.amp
-        if self.device.type != "cuda":
-            if amp in ("bf16", "fp16"):
-                _log.warning("amp=%r needs CUDA; training in float32 on %s", amp, self.device)
-            return None
-        if amp == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        dtype = resolve_amp(self.config.amp, self.device)
+        if dtype is not None and self.config.amp == "auto":
+            _log.info("amp='auto': %s autocast on %s", str(dtype).removeprefix("torch."), self.device)
+        return dtype
 
     def _build_datasets(self) -> dict[str, CXRDataset]:
         cfg, data = self.config, self.config.data
@@ -472,57 +560,139 @@ class Trainer:
 
     # ---- the run folder (fit) ------------------------------------------------------------------
 
+    def _output_folders(self) -> list[OutputFolder]:
+        cfg = self.config
+        return [
+            OutputFolder("run", cfg.run_dir, "output_dir", (_TRAIN_LOG, _CONFIG_FILE, SPLIT_RECORD)),
+            OutputFolder("checkpoints", cfg.checkpoints_path, "checkpoint_dir", ("best", "last")),
+            OutputFolder("tensorboard", cfg.tensorboard_path, "log_dir"),
+            OutputFolder("report", cfg.report_path, "report_dir"),
+        ]
+
+    def _on_main(self, step: Optional[Callable[[], Any]]) -> Any:
+        """Run ``step`` on rank 0 only; every process returns its result or raises its error."""
+        outcome: Any = None
+        if self.env.is_main and step is not None:
+            try:
+                outcome = (step(), None)
+            except Exception as err:  # handed to the other processes, raised on all
+                outcome = (None, err)
+        if self.env.enabled:
+            outcome = all_gather_objects(outcome, self.env)[0]
+        if outcome is None:
+            return None
+        value, error = outcome
+        if error is not None:
+            raise error
+        return value
+
+    def _prepare_run_dir(self) -> Optional[Path]:
+        """Rank 0: check the folders, find the checkpoint to resume or remove an earlier run; mark the folders.
+
+        Returns:
+            ``checkpoints/last`` when resuming, else ``None``.
+        """
+        cfg = self.config
+        run_dir = cfg.run_dir
+        unused = {"tensorboard": not cfg.tensorboard, "report": not cfg.report}
+        states = [inspect_folder(folder, run_dir) for folder in self._folders]
+        problems = []
+        for state in states:
+            if unused.get(state.folder.kind):
+                continue  # this run writes nothing there (an earlier run's output there may still go)
+            where = f"{option(state.folder.setting)} {state.folder.path}"
+            if state.other_run is not None:
+                problems.append(f"{where} holds the output of another run ({state.other_run})")
+            elif state.foreign:
+                problems.append(f"{where} holds {_some(state.foreign)}, which qing did not write")
+        if problems:
+            raise RunFolderError(
+                "; ".join(problems) + ". qing never removes or replaces files it did not write: give this run "
+                "empty or new folders, or move those files away. Nothing was changed."
+            )
+        earlier = [state for state in states if state.ours]
+        last = None
+        if cfg.resume:
+            last = self._resumable_last()
+        if earlier and last is None:
+            if not cfg.overwrite:
+                found = ", ".join(f"{s.folder.path}/{_some(s.ours, 3)}" for s in earlier)
+                raise RunFolderError(
+                    f"{run_dir} already holds a run ({found}); {option('resume', True)} continues it, "
+                    f"{option('overwrite', True)} replaces it (removing only what qing wrote), or give this run "
+                    f"another folder ({option('output_dir', 'DIR')})"
+                )
+            for state in earlier:
+                remove_entries(state)
+            removed = "; ".join(f"{s.folder.path}: {', '.join(s.ours)}" for s in earlier)
+            _log.info("overwrite: removed what the earlier run wrote (%s)", removed)
+        for folder in self._folders:
+            if unused.get(folder.kind):
+                continue
+            record_entries(folder, run_dir, folder.entries, reset=last is None)
+        return last
+
+    def _resumable_last(self) -> Optional[Path]:
+        """Rank 0: the complete ``checkpoints/last`` (repaired), or ``None`` to start over (only with overwrite)."""
+        cfg = self.config
+        last_dir = cfg.checkpoints_path / "last"
+        last = find_checkpoint(last_dir, require_state=True)
+        why = None
+        if last is None:
+            why = "no complete checkpoint there" if not last_dir.exists() else "it is incomplete or unreadable"
+        else:
+            try:
+                state_format = load_training_state(last).get("format")
+            except (OSError, ValueError, KeyError) as err:
+                state_format, why = None, f"its training state is unreadable: {err}"
+            if why is None and state_format != _STATE_FORMAT:
+                why = f"its training state has format {state_format!r}, this qing reads {_STATE_FORMAT}"
+        if why is None:
+            return last
+        if cfg.overwrite:
+            _log.warning("%s: cannot resume from %s (%s): starting a new run", option("overwrite", True), last_dir, why)
+            return None
+        raise FileNotFoundError(
+            f"{option('resume', True)} but {last_dir} cannot be resumed: {why}. Nothing was changed. To start a new "
+            f"run, drop {option('resume')} (with {option('overwrite', True)} if the folder holds an earlier run)"
+        )
+
+    def _write_run_files(self) -> None:
+        """Rank 0, once a resume succeeded: ``config.yaml`` (the resolved config) and ``splits.csv``."""
+        cfg = self.config
+        cfg.replace(resume=False, overwrite=False).save(cfg.run_dir / _CONFIG_FILE)
+        base = data_folder(cfg.data)
+        write_text_atomic(cfg.run_dir / SPLIT_RECORD, split_record_csv(self.splits, base))
+
+    def _open_tensorboard(self, *, resumed: bool) -> TensorBoardLogger:
+        """The run's TensorBoard logger; rank 0 records its new event file as qing's in the folder marker."""
+        cfg = self.config
+        enabled = cfg.tensorboard and self.env.is_main
+        folder = next(f for f in self._folders if f.kind == "tensorboard")
+        before = set(os.listdir(folder.path)) if enabled else set()
+        tb = TensorBoardLogger(
+            cfg.tensorboard_path, enabled=enabled, purge_step=self.global_step + 1 if resumed else None
+        )
+        if enabled:
+            tb.flush()
+            record_entries(folder, cfg.run_dir, sorted(set(os.listdir(folder.path)) - before))
+        return tb
+
     @contextlib.contextmanager
-    def _log_to_file(self) -> Iterator[None]:
-        """Rank 0: ``train.log`` in the run folder gets what building the trainer logged, then the run's log."""
+    def _run_logging(self, *, train_log: bool) -> Iterator[None]:
+        """Rank 0: the ``qing`` loggers at INFO to ``train.log`` (what building logged first) and the console."""
         if not self.env.is_main:
             yield
             return
-        self.config.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.config.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        for record in self._setup_records:
-            handler.handle(record)
-        with _qing_log_to(handler):
+        handlers: list[logging.Handler] = []
+        if train_log:
+            handler = logging.FileHandler(self.config.run_dir / _TRAIN_LOG, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            for record in self._setup_records:
+                handler.handle(record)
+            handlers.append(handler)
+        with _qing_logging(handlers, console=True):
             yield
-
-    def _check_run_dir(self) -> Optional[Path]:
-        """Refuse to clobber an earlier run; returns the checkpoint to resume from, if any.
-
-        Every process checks, so all raise together; rank 0 repairs an interrupted checkpoint.
-        """
-        cfg = self.config
-        last_dir = cfg.checkpoints_path / "last"
-        if self._earlier_run() and not cfg.resume and not cfg.overwrite:
-            raise FileExistsError(
-                f"{cfg.run_dir} already holds a run ({', '.join(map(str, self._earlier_run()))}); set "
-                "resume=True to continue it, overwrite=True to replace it, or choose another output_dir"
-            )
-        if self.env.is_main:
-            find_checkpoint(last_dir)  # moves back a checkpoint left aside by a kill during its replacement
-        barrier(self.env)
-        if not cfg.resume:
-            return None
-        last = find_checkpoint(last_dir)
-        if last is None:
-            _log.info("resume=True but %s holds no checkpoint: starting a new run", last_dir)
-        return last
-
-    def _earlier_run(self) -> list[Path]:
-        cfg = self.config
-        return [p for p in (cfg.checkpoints_path, cfg.tensorboard_path, cfg.report_path) if _non_empty(p)]
-
-    def _claim_run_dir(self) -> None:
-        """Rank 0: remove the earlier run (``overwrite``, not ``resume``) and write ``config.yaml``."""
-        cfg = self.config
-        if self.env.is_main:
-            if cfg.overwrite and not cfg.resume:
-                for path in self._earlier_run():
-                    shutil.rmtree(path)
-                (cfg.run_dir / "train.log").unlink(missing_ok=True)
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(cfg.run_dir / "config.yaml")
-        barrier(self.env)
 
     def _resume(self, last: Path) -> None:
         state = load_training_state(last)
@@ -536,7 +706,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if "ema" not in state:
-                raise ValueError(f"{last} was saved without EMA weights; resume with ema=False")
+                raise ValueError(f"{last} was saved without EMA weights; resume with {option('ema', False)}")
             self.ema.module.load_state_dict(state["ema"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.history = list(state["history"])
@@ -620,11 +790,18 @@ class Trainer:
         return images.to(self.device, non_blocking=True, memory_format=memory_format)
 
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One epoch of optimizer steps; returns (mean training loss, images trained on).
+
+        The host reads the loss only every ``log_every_steps`` steps and at the end of the epoch
+        (:class:`_LossWindow`): until then the losses stay on the device, so the device is never
+        waited for step by step. A NaN/inf loss is found at the next such read.
+        """
         cfg = self.config
         self._reseed(epoch)
         loader = self.loaders["train"]
         loader.sampler.set_epoch(epoch)
         self._set_train_mode()
+        window = _LossWindow()
         total_loss, total_images = 0.0, 0
         started = time.perf_counter()
         bar = tqdm(
@@ -635,6 +812,7 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        n_steps = len(loader)
         for step, batch in enumerate(bar):
             self._record_bad(batch["bad"])
             images, targets, weight = batch["image"], batch["target"], 1.0
@@ -648,9 +826,6 @@ class Trainer:
             with self._autocast():
                 logits = self.train_model(images)
             loss = self.loss_fn(logits.float(), targets) * weight
-            global_loss = float(all_reduce_mean(loss.detach(), self.env))
-            if not math.isfinite(global_loss):
-                self._stop_non_finite(global_loss, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -671,28 +846,49 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self._model, step=self.global_step)
 
-            n_global = len(images) * self.env.world_size if weight else 0
-            total_loss += global_loss * n_global
-            total_images += n_global
-            rate = total_images / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{global_loss:.4f}", img_s=f"{rate:.1f}")
-            if self.global_step % cfg.log_every_steps == 0:
-                self.tb.scalars({"train/loss": global_loss}, self.global_step)
-                self.tb.scalars({f"train/lr/{k}": v for k, v in self._lrs().items()}, self.global_step)
+            window.add(loss.detach(), step, len(images) * self.env.world_size if weight else 0)
+            if self.global_step % cfg.log_every_steps == 0 or step == n_steps - 1:
+                loss_sum, n_images = self._read_losses(window, epoch, step)
+                total_loss, total_images = total_loss + loss_sum, total_images + n_images
+                rate = total_images / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{loss_sum / max(n_images, 1):.4f}", img_s=f"{rate:.1f}")
             for callback in self.callbacks:
-                callback.on_step_end(self, epoch=epoch, step=step, loss=global_loss)
+                callback.on_step_end(self, epoch=epoch, step=step, loss=loss.detach())
+        if window.losses:  # the last batch was skipped (unreadable)
+            loss_sum, n_images = self._read_losses(window, epoch, n_steps - 1)
+            total_loss, total_images = total_loss + loss_sum, total_images + n_images
         bar.close()
         if total_images == 0:
             raise RuntimeError(f"epoch {epoch + 1} trained on no images: every training image was unreadable")
         return total_loss / total_images, total_images
 
-    def _stop_non_finite(self, value: float, epoch: int, step: int) -> None:
+    def _read_losses(self, window: _LossWindow, epoch: int, step: int) -> tuple[float, int]:
+        """Read the window's losses (stopping on NaN/inf), log them; returns (sum of loss x images, images)."""
+        losses = window.read(self.env)  # the host waits for the device here, and only here
+        for at, value in losses:
+            if not math.isfinite(value):
+                self._stop_non_finite(value, epoch, at, step)
+        mean = window.mean(losses)
+        loss_sum = sum(value * n for (_, value), n in zip(losses, window.images))
+        n_images = sum(window.images)
+        window.clear()
+        self.tb.scalars({"train/loss": mean}, self.global_step)
+        self.tb.scalars({f"train/lr/{k}": v for k, v in self._lrs().items()}, self.global_step)
+        return loss_sum, n_images
+
+    def _stop_non_finite(self, value: float, epoch: int, step: int, noticed: int) -> None:
         last = self.config.checkpoints_path / "last"
         saved = f"{last} (after epoch {self.history[-1]['epoch']})" if self.history else "none (first epoch)"
+        when = f"at epoch {epoch + 1}, step {step + 1}"
+        if noticed != step:
+            when += (
+                f" (noticed after step {noticed + 1}: the loss is read every "
+                f"{option('log_every_steps')}={self.config.log_every_steps} steps and at the end of each epoch)"
+            )
         message = (
-            f"training loss is {value} at epoch {epoch + 1}, step {step + 1}: stopping. "
-            f"Last good checkpoint: {saved}. Lower lr (now {self.config.lr:g}), set grad_clip_norm, "
-            "check the inputs, then rerun with resume=True."
+            f"training loss is {value} {when}: stopping. Last good checkpoint: {saved}. "
+            f"Lower {option('lr')} (now {self.config.lr:g}), set {option('grad_clip_norm')}, check the inputs, "
+            f"then rerun with {option('resume', True)}."
         )
         _log.error(message)
         raise NonFiniteLossError(message)
@@ -774,7 +970,7 @@ class Trainer:
 
     def _save_last(self, epoch: int) -> None:
         state = {
-            "format": 1,
+            "format": _STATE_FORMAT,
             "epoch": epoch,
             "global_step": self.global_step,
             "history": self.history,
@@ -797,7 +993,7 @@ class Trainer:
     def _finish(self) -> RunResult:
         cfg = self.config
         barrier(self.env)
-        best = find_checkpoint(cfg.checkpoints_path / "best")
+        best = find_checkpoint(cfg.checkpoints_path / "best", repair=self.env.is_main)
         last = cfg.checkpoints_path / "last"
         if best is None:
             raise RuntimeError(f"no best checkpoint in {cfg.checkpoints_path}; did any epoch finish?")
@@ -858,6 +1054,8 @@ class Trainer:
             bad_files=self.bad_files.to_list(),
             title=f"{cfg.model} on {_dataset_name(cfg)}",
         )
+        folder = next(f for f in self._folders if f.kind == "report")
+        record_entries(folder, cfg.run_dir, os.listdir(folder.path))
         _log.info("report: %s; best checkpoint (epoch %d): %s", report, self.stopper.best_epoch, best)
         return report
 
@@ -881,6 +1079,42 @@ class Trainer:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
+class _LossWindow:
+    """The training losses since the host last read them, kept on the device.
+
+    :meth:`read` moves them to the host in one transfer (and, under ``torchrun``, one all-reduce
+    averaging them over processes), as timm's ``train.py`` does every ``log_interval`` steps.
+    """
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.steps: list[int] = []
+        self.images: list[int] = []
+
+    def add(self, loss: torch.Tensor, step: int, images: int) -> None:
+        """Keep a step's (detached, 0-d) loss and the number of images it averaged over (all processes)."""
+        self.losses.append(loss)
+        self.steps.append(step)
+        self.images.append(images)
+
+    def read(self, env: DistEnv) -> list[tuple[int, float]]:
+        """``[(step, loss averaged over processes), ...]``: the one place the host waits for the device."""
+        if not self.losses:
+            return []
+        values = all_reduce_mean(torch.stack(self.losses).float(), env).tolist()
+        return list(zip(self.steps, values))
+
+    def mean(self, losses: list[tuple[int, float]]) -> float:
+        """The image-weighted mean of the losses read (the plain mean if no step had images)."""
+        n = sum(self.images)
+        if not n:
+            return sum(value for _, value in losses) / max(len(losses), 1)
+        return sum(value * k for (_, value), k in zip(losses, self.images)) / n
+
+    def clear(self) -> None:
+        self.losses, self.steps, self.images = [], [], []
+
+
 class _Records(logging.Handler):
     """Keeps the records it handles in a list."""
 
@@ -892,28 +1126,93 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """``qing.train: epoch 1/5: ...`` for progress, ``qing: warning: ...`` for warnings (as the CLI prints them)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"qing: {record.levelname.lower()}: {message}"
+        return f"{record.name}: {message}"
+
+
+def _console_record(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.startswith("qing.train")
+
+
+def _logging_configured() -> bool:
+    """Whether the program set up handlers that would show qing's records (root or the qing loggers)."""
+    return any(logging.getLogger(name).handlers for name in ("", "qing", "qing.train"))
+
+
 @contextlib.contextmanager
-def _qing_log_to(handler: logging.Handler) -> Iterator[None]:
-    """``handler`` on the ``qing`` logger, which logs at INFO (at least) meanwhile; closed at the end."""
-    logger = logging.getLogger("qing")
-    old_level = logger.level
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
+def _qing_logging(handlers: Sequence[logging.Handler], *, console: bool) -> Iterator[None]:
+    """``handlers`` on the ``qing`` logger at INFO meanwhile, plus a console handler if none is configured.
+
+    When the program has not configured logging, ``qing.train`` progress (one line per epoch) and
+    every ``qing`` warning go to stderr; a level set on ``logging.getLogger("qing.train")`` (e.g.
+    ``WARNING``) is the console's, while ``handlers`` (``train.log``) still get every INFO line.
+    When it has configured logging, qing adds no console handler, and leaves levels set on the
+    ``qing`` / ``qing.train`` loggers as they are.
+    """
+    loggers = [logging.getLogger("qing"), logging.getLogger("qing.train")]
+    explicit = any(logger.level != logging.NOTSET for logger in loggers)
+    configured = _logging_configured()
+    added = list(handlers)
+    if console and not configured:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setLevel(loggers[1].getEffectiveLevel() if explicit else logging.INFO)
+        stream.setFormatter(_ConsoleFormatter())
+        stream.addFilter(_console_record)
+        added.append(stream)
+    levels = [logger.level for logger in loggers]
+    if not configured or not explicit:
+        for logger in loggers:
+            if logger.level == logging.NOTSET or logger.level > logging.INFO:
+                logger.setLevel(logging.INFO)
+    for handler in added:
+        loggers[0].addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        handler.close()
-        logger.setLevel(old_level)
+        for handler in added:
+            loggers[0].removeHandler(handler)
+            handler.close()
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _some(names: Sequence[str], n: int = 5) -> str:
+    """Up to ``n`` names, then how many more."""
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _weights_hint(message: str) -> str:
+    """A missing-weights message with the ways to give this run weights, named as the front end spells them."""
+    lines = message.splitlines()
+    if current_style() != "python":  # a command line: no Python code to copy
+        lines = [line for line in lines if "pretrained_cfg_overlay" not in line and "qing.create_model(" not in line]
+    lines.append(
+        f"For this run: {option('pretrained_file', 'PATH')} loads a weights file you have; "
+        f"{option('pretrained', False)} trains from scratch (random initialization)."
+    )
+    return "\n".join(lines)
 
 
 def _millions(params: Iterator[nn.Parameter]) -> float:
     return sum(p.numel() for p in params) / 1e6
 
 
-def _non_empty(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+def _published_weights(model: str) -> Optional[str]:
+    """``architecture.tag`` whose weights ``model`` loads with ``pretrained=True``, ``None`` if it has none."""
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return model
+    architecture, tag = split_model_name_tag(model)
+    cfg = get_pretrained_cfg(model, allow_unregistered=True) if architecture else None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
+        return None
+    return f"{architecture}.{cfg.tag or tag}" if (cfg.tag or tag) else architecture
 
 
 def _dataset_name(cfg: TrainConfig) -> str:
