@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["TASKS", "ModelMeta", "get_meta", "set_meta"]
+__all__ = ["TASKS", "ModelMeta", "get_meta", "model_labels", "model_task", "set_meta"]
 
 #: ``binary``: one logit, sigmoid. ``multilabel``: one sigmoid per label. ``multiclass``: softmax.
 TASKS = ("binary", "multilabel", "multiclass")
@@ -81,3 +81,17 @@ def set_meta(model: nn.Module, **updates: Any) -> ModelMeta:
         raise ValueError(f"{len(meta.thresholds)} thresholds for a model with {num_classes} outputs")
     model.qing_meta = meta
     return meta
+
+
+def model_labels(model: nn.Module) -> list[str]:
+    """One name per output: the pretrained cfg's ``label_names``, ``output_<i>`` where missing or empty."""
+    num_classes = int(getattr(model, "num_classes", 0))
+    names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or ())
+    if len(names) != num_classes:
+        names = [""] * num_classes
+    return [str(name) if name else f"output_{i}" for i, name in enumerate(names)]
+
+
+def model_task(model: nn.Module) -> str:
+    """The model's task: its metadata's, else ``binary`` for one output and ``multilabel`` for more."""
+    return get_meta(model).task or ("binary" if int(getattr(model, "num_classes", 0)) == 1 else "multilabel")

@@ -28,12 +28,12 @@ from qing.cli._common import (
     short_path,
 )
 from qing.cli._inference import inference_loader
+from qing.cli._runtime import add_runtime_flags, build_runner
 from qing.data import (
     BadFileLog,
     BadImage,
     CXRDataset,
     Sample,
-    build_transforms,
     read_class_folders,
     read_label_csv,
     read_list_file,
@@ -47,6 +47,8 @@ examples:
   qing eval runs/pneumonia manifest.csv --label-column label --output reports/pneumonia
   qing eval runs/nih nih/labels.csv --split-column repo_split --split test   # 0/1 columns named like the outputs
   qing eval qing_chexnet_densenet121.chexnet test_list.txt --image-dir images/
+  qing eval model.onnx data/chest_xray -o reports/onnx                # onnxruntime (an exported model)
+  qing eval runs/pneumonia data/chest_xray --runtime onnx             # export on the fly, then onnxruntime
 
 DATA is a folder of class folders, a CSV (a class-name column, or one 0/1 column per model output)
 or a ChestX-ray14 list file (image name, then one 0/1 per output). Class names must match the model's
@@ -91,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap")
     add_progress_flag(out)
     add_device_flags(parser)
+    add_runtime_flags(parser)
     add_common_flags(parser)
     parser.set_defaults(func=run)
 
@@ -225,18 +228,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device, threshold=args.threshold)
     samples, negative, description = read_samples(args, loaded)
-    transform = build_transforms(loaded.model, train=False)
+    transform = loaded.transform()
     dataset = CXRDataset(samples, task=loaded.task, transform=transform)
 
-    loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
-    outputs = collect_logits(loaded.model, loader, device=device, progress=args.progress, desc="eval")
+    runner = build_runner(loaded, args, device, check_images=[s.path for s in samples[:4]])
+    loader = inference_loader(dataset, device=runner.device, batch_size=args.batch_size, num_workers=args.num_workers)
+    outputs = collect_logits(runner, loader, progress=args.progress, desc="eval")
     bad_files = BadFileLog()
     for bad in outputs.bad:
         bad_files.add(bad.path, bad.reason)
     if not len(outputs.indices):
         raise CLIError(f"none of the {len(dataset)} images of {description} could be read")
-    from_model = loaded.threshold_source.startswith("stored")
-    method = loaded.model.qing_meta.threshold_method if from_model else None
+    method = loaded.threshold_method
     if loaded.threshold_source == "--threshold":
         method = "given (--threshold)"
     evaluation = evaluate_logits(

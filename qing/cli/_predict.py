@@ -29,7 +29,8 @@ from qing.cli._common import (
     resolve_device,
 )
 from qing.cli._inference import expand_inputs, inference_loader
-from qing.data import ImageFiles, build_transforms
+from qing.cli._runtime import add_runtime_flags, build_runner, heatmap_refusal, runtime_of
+from qing.data import ImageFiles
 from qing.evaluate import iter_logits, probabilities
 from qing.explain import class_token_heatmap, denormalize, overlay
 
@@ -39,9 +40,12 @@ examples:
   qing predict runs/pneumonia scans/ 'more/**/*.dcm' --output predictions.csv
   qing predict hf-hub:me/cxr-pneumonia images/ --format json --output predictions.json --heatmaps heatmaps/
   qing predict qing_xrv_densenet121.all chest.dcm --threshold 0.6
+  qing predict model.onnx scans/ -o predictions.csv                  # onnxruntime, no PyTorch model needed
+  qing predict runs/pneumonia scans/ --amp bf16 --channels-last --num-workers 2
 
 MODEL is a model folder (a run folder means its checkpoints/best), hf-hub:owner/name[@revision],
-local-dir:PATH, a registered architecture.tag with weights, or a checkpoint file (converted on the fly).
+local-dir:PATH, a registered architecture.tag with weights, a checkpoint file (converted on the fly),
+or an .onnx file written by qing export (heatmaps need the PyTorch model).
 The decision uses the thresholds stored with the model (chosen on validation data by qing train),
 else 0.5; a multiclass model predicts the most probable class. Unreadable files are reported and
 skipped; the exit code is then 1, and the other images are still written.
@@ -86,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_progress_flag(out)
     add_device_flags(parser)
+    add_runtime_flags(parser)
     add_common_flags(parser)
     parser.set_defaults(func=run)
 
@@ -144,17 +149,21 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device, threshold=args.threshold)
+    runtime = runtime_of(args, loaded)
+    if heatmap_paths and heatmap_refusal(loaded, runtime):
+        raise CLIError(heatmap_refusal(loaded, runtime))
     if heatmap_paths and not loaded.has_attention:
         raise CLIError(f"--heatmaps needs a qing CNN-Transformer with attention maps; {args.model} has none")
-    transform = build_transforms(loaded.model, train=False)
+    transform = loaded.transform()
     results = [Prediction(str(p)) for p in inputs.files]
     failed = [Prediction(arg, error=why) for arg, why in inputs.missing]
     for arg, why in inputs.missing:
         print(f"qing: skipped {arg}: {why}", file=sys.stderr)
 
     dataset = ImageFiles(inputs.files, transform)
-    loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
-    for batch in iter_logits(loaded.model, loader, device=device, progress=args.progress, desc="predict"):
+    runner = build_runner(loaded, args, device, check_images=inputs.files[:4])
+    loader = inference_loader(dataset, device=runner.device, batch_size=args.batch_size, num_workers=args.num_workers)
+    for batch in iter_logits(runner, loader, progress=args.progress, desc="predict"):
         for bad in batch.bad:
             results[bad.index].error = bad.reason
             print(f"qing: skipped {bad.path}: {bad.reason}", file=sys.stderr)

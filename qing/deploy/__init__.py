@@ -1,0 +1,33 @@
+"""Deployment: ONNX export checked against PyTorch, onnxruntime inference, int8 quantization.
+
+::
+
+    import qing
+    from qing.deploy import OnnxModel, export_onnx
+
+    model = qing.create_model("local-dir:my-model", pretrained=True)
+    export_onnx(model, "my-model.onnx", images=["chest.png"])   # parity-checked, metadata inside
+    onnx_model = OnnxModel("my-model.onnx")                    # labels, thresholds, preprocessing
+    logits = onnx_model(onnx_model.transform()(qing.load_image("chest.png"))[None])
+
+``qing export``, ``qing predict model.onnx ...`` and ``qing eval --runtime onnx`` are the same on the
+command line. The ONNX packages are an extra: ``pip install 'qing[onnx]'``.
+"""
+
+from qing.deploy.metadata import METADATA_KEYS, OnnxMetadata, describe_preprocessing
+from qing.deploy.onnx_export import DEFAULT_OPSET, EXPORTERS, OnnxExport, OnnxParityError, export_onnx
+from qing.deploy.quantize import quantize_int8
+from qing.deploy.runtime import OnnxModel
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "EXPORTERS",
+    "METADATA_KEYS",
+    "OnnxExport",
+    "OnnxMetadata",
+    "OnnxModel",
+    "OnnxParityError",
+    "describe_preprocessing",
+    "export_onnx",
+    "quantize_int8",
+]
