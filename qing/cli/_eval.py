@@ -254,6 +254,9 @@ def run(args: argparse.Namespace) -> int:
         negative_label=negative,
     )
     shown = None
+    if loaded.model is None:
+        note = "qing: note: the report has no attention or feature-map figures: they need the PyTorch model"
+        print(note, file=sys.stderr)
     if loaded.has_attention:  # the report's attention figures: the first readable images
         items = [dataset[i] for i in outputs.indices[:4].tolist()]
         images = [item["image"] for item in items if not isinstance(item, BadImage)]

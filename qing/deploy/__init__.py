@@ -15,7 +15,14 @@ command line. The ONNX packages are an extra: ``pip install 'qing[onnx]'``.
 """
 
 from qing.deploy.metadata import METADATA_KEYS, OnnxMetadata, describe_preprocessing
-from qing.deploy.onnx_export import DEFAULT_OPSET, EXPORTERS, OnnxExport, OnnxParityError, export_onnx
+from qing.deploy.onnx_export import (
+    DEFAULT_OPSET,
+    EXPORTERS,
+    OnnxExport,
+    OnnxExportError,
+    OnnxParityError,
+    export_onnx,
+)
 from qing.deploy.quantize import quantize_int8
 from qing.deploy.runtime import OnnxModel
 
@@ -24,6 +31,7 @@ __all__ = [
     "EXPORTERS",
     "METADATA_KEYS",
     "OnnxExport",
+    "OnnxExportError",
     "OnnxMetadata",
     "OnnxModel",
     "OnnxParityError",

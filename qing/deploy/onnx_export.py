@@ -49,7 +49,7 @@ from qing.deploy.runtime import OnnxModel
 from qing.meta import get_meta, model_labels, model_task
 from qing.version import __version__
 
-__all__ = ["DEFAULT_OPSET", "EXPORTERS", "OnnxExport", "OnnxParityError", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "EXPORTERS", "OnnxExport", "OnnxExportError", "OnnxParityError", "export_onnx"]
 
 _logger = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ _SPATIAL = ("auto", "dynamic", "fixed")
 
 class OnnxParityError(ValueError):
     """The exported graph's logits differ from PyTorch's by more than the tolerance; no file was written."""
+
+
+class OnnxExportError(RuntimeError):
+    """``torch.onnx.export`` cannot convert the model (an operator without an ONNX form); no file was written."""
 
 
 @dataclass
@@ -131,6 +135,7 @@ def export_onnx(
 
     Raises:
         OnnxParityError: The exported graph disagrees with PyTorch by more than ``atol``.
+        OnnxExportError: The exporter cannot convert the model (the message names the operator).
         FileExistsError: ``path`` exists and ``overwrite`` is false.
         ValueError: A bad argument, or ``images`` of which none could be read.
         ImportError: ``onnx`` or ``onnxruntime`` is missing (``pip install 'qing[onnx]'``).
@@ -305,6 +310,19 @@ def _export_graph(
     model: nn.Module, path: Path, *, exporter: str, opset: int, sample: torch.Tensor, dynamic: bool
 ) -> None:
     """Write the graph of ``model`` (input ``image``, output ``logits``, dynamic batch) to ``path``."""
+    try:
+        _run_exporter(model, path, exporter=exporter, opset=opset, sample=sample, dynamic=dynamic)
+    except torch.onnx.errors.OnnxExporterError as err:
+        other = "dynamo" if exporter == "torchscript" else "torchscript"
+        raise OnnxExportError(
+            f"torch.onnx.export ({exporter} exporter, opset {opset}) cannot convert {type(model).__name__}: {err}; "
+            f"try exporter={other!r} (--exporter {other}) or another opset"
+        ) from err
+
+
+def _run_exporter(
+    model: nn.Module, path: Path, *, exporter: str, opset: int, sample: torch.Tensor, dynamic: bool
+) -> None:
     if exporter == "dynamo":
         dim = torch.export.Dim.DYNAMIC
         shapes = ({0: dim, 2: dim, 3: dim} if dynamic else {0: dim},)

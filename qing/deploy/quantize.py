@@ -28,7 +28,7 @@ def quantize_int8(
 ) -> Path:
     """Write an int8 dynamically quantized copy of an ONNX file written by :func:`~qing.deploy.export_onnx`.
 
-    The graph is first optimized and shape-inferred (``quant_pre_process``), then quantized with
+    The graph is first optimized and shape-inferred (``quant_pre_process``, ONNX shape inference), then quantized with
     ``quantize_dynamic`` (int8 weights; ``MatMul``, ``Gemm`` and ``Conv``).
 
     Args:
@@ -54,7 +54,8 @@ def quantize_int8(
     props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
     with tempfile.TemporaryDirectory(prefix="qing-int8-") as work, atomic_path(target) as tmp:
         prepared = Path(work) / "prepared.onnx"
-        shape_inference.quant_pre_process(str(source), str(prepared))
+        # symbolic shape inference cannot follow a dynamic height and width through the token count: skip it
+        shape_inference.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantization.quantize_dynamic(
             str(prepared), str(tmp), weight_type=quantization.QuantType.QInt8, per_channel=per_channel
         )

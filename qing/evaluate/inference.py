@@ -163,6 +163,7 @@ class TorchRunner:
         channels_last: Weights and inputs in ``torch.channels_last`` memory format.
         compile: ``torch.compile`` the model: ``False``; ``True`` for ``mode="reduce-overhead"`` (CUDA
             graphs) on CUDA and the default mode elsewhere; or a mode name (``"max-autotune"``, ...).
+        compile_options: More ``torch.compile`` keyword arguments (``backend``, ``dynamic``, ...).
 
     Example:
         >>> import qing, torch
@@ -180,6 +181,7 @@ class TorchRunner:
         amp_dtype: Optional[torch.dtype] = None,
         channels_last: bool = False,
         compile: Union[bool, str] = False,
+        compile_options: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -190,7 +192,8 @@ class TorchRunner:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.compile_mode = _compile_mode(self.device, compile) if compile else None
-        self._forward = torch.compile(model, mode=self.compile_mode) if compile else model
+        options = dict(compile_options or {})
+        self._forward = torch.compile(model, mode=self.compile_mode, **options) if compile else model
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` on :attr:`device` -> ``(B, num_classes)`` logits (the autocast dtype under AMP)."""
