@@ -121,9 +121,10 @@ def generate_model_card(
                 task_name="Chest X-ray classification",
                 dataset_type=all_datasets[0],
                 dataset_name=all_datasets[0],
+                dataset_split="test" if key.startswith("test_") else None,  # the Trainer's test-split metrics
                 metric_type=key,
                 metric_value=value,
-                metric_name=_PRETTY.get(key, key),
+                metric_name=_PRETTY.get(key.removeprefix("test_"), key),
             )
             for key, value in headline
         ]

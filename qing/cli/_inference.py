@@ -12,29 +12,33 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qing.data import collate_skip_bad, find_images, is_image_file
+from qing.data import collate_skip_bad, is_dicom, is_image_file, scan_folder
 
 _GLOB_CHARS = ("*", "?", "[")
 
 
 @dataclass
 class Inputs:
-    """Image files found from INPUT arguments, and the arguments that gave none.
+    """Image files found from INPUT arguments, the arguments that gave none, and the files not read.
 
     Attributes:
         files: Image files in argument order (folders walked recursively, sorted), each once.
         missing: ``(argument, reason)`` for arguments naming nothing readable.
+        not_images: Files in the folders (or glob matches) that are not images and were not read.
     """
 
     files: list[Path] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
+    not_images: list[Path] = field(default_factory=list)
 
 
 def expand_inputs(arguments: Sequence[str]) -> Inputs:
-    """Files, folders (recursive, image endings only) and glob patterns -> image files.
+    """Files, folders (recursive) and glob patterns -> image files.
 
-    A file named explicitly is kept whatever its ending (a DICOM file may have none); an argument
-    that is neither a file, a folder nor a matching pattern is recorded in ``missing``.
+    In folders and glob matches a file is an image by its ending or, whatever its name, by the DICOM
+    ``DICM`` preamble (PACS exports often have no ``.dcm``); the other files are listed in
+    ``not_images``. A file named explicitly is kept whatever it is (its read then says what is wrong);
+    an argument that is neither a file, a folder nor a matching pattern is recorded in ``missing``.
     """
     inputs, seen = Inputs(), set()
 
@@ -44,25 +48,33 @@ def expand_inputs(arguments: Sequence[str]) -> Inputs:
             seen.add(key)
             inputs.files.append(path)
 
+    def add_folder(folder: Path) -> int:
+        scan = scan_folder(folder)
+        for image in scan.images:
+            add(image)
+        inputs.not_images.extend(p for p in scan.not_images if p not in inputs.not_images)
+        return len(scan.images)
+
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_file():
             add(path)
         elif path.is_dir():
-            images = find_images(path)
-            if not images:
-                inputs.missing.append((argument, "folder holds no image files (.png, .jpg, .dcm, ...)"))
-            for image in images:
-                add(image)
+            if not add_folder(path):
+                inputs.missing.append((argument, "folder holds no image files (.png, .jpg, .dcm, DICOM, ...)"))
         elif any(c in argument for c in _GLOB_CHARS):
             matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(argument), recursive=True))]
-            images = [m for m in matches if m.is_file() and is_image_file(m)]
-            for folder in (m for m in matches if m.is_dir()):
-                images += find_images(folder)
-            if not images:
+            found = 0
+            for match in matches:
+                if match.is_dir():
+                    found += add_folder(match)
+                elif is_image_file(match) or is_dicom(match):
+                    add(match)
+                    found += 1
+                elif match.is_file() and match not in inputs.not_images:
+                    inputs.not_images.append(match)
+            if not found:
                 inputs.missing.append((argument, "no image files match this pattern"))
-            for image in images:
-                add(image)
         else:
             inputs.missing.append((argument, "no such file or folder"))
     return inputs

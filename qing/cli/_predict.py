@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from qing._io import write_text_atomic
+from qing._io import atomic_path, write_text_atomic
 from qing.cli._common import (
     CLIError,
     HelpFormatter,
@@ -30,9 +30,9 @@ from qing.cli._common import (
 )
 from qing.cli._inference import expand_inputs, inference_loader
 from qing.cli._runtime import add_runtime_flags, build_runner, heatmap_refusal, runtime_of
-from qing.data import ImageFiles
+from qing.data import ImageFiles, ImageLoadError, ImageTransform, load_image
 from qing.evaluate import iter_logits, probabilities
-from qing.explain import class_token_heatmap, denormalize, overlay
+from qing.explain import class_token_heatmap, overlay
 
 EPILOG = """\
 examples:
@@ -47,9 +47,16 @@ MODEL is a model folder (a run folder means its checkpoints/best), hf-hub:owner/
 local-dir:PATH, a registered architecture.tag with weights, a checkpoint file (converted on the fly),
 or an .onnx file written by qing export (heatmaps need the PyTorch model).
 The decision uses the thresholds stored with the model (chosen on validation data by qing train),
-else 0.5; a multiclass model predicts the most probable class. Unreadable files are reported and
-skipped; the exit code is then 1, and the other images are still written.
+else 0.5; a multiclass model predicts the most probable class. In folders, DICOM files are found by
+their DICM preamble whatever their name; other files are listed as not read. Unreadable images are
+reported and skipped; the exit code is then 1, and the other images are still written. --heatmaps
+overlays have the input image's size.
 """
+
+
+_NOT_AN_IMAGE = "not an image file (no image ending such as .png/.jpg/.dcm, no DICOM preamble)"
+_NOT_IMAGES_SHOWN = 20
+_NO_CUT = 10**6  # table cells are never cut: label names and paths must stay whole
 
 
 @dataclass
@@ -109,15 +116,44 @@ def _output_format(args: argparse.Namespace) -> str:
 
 
 def _heatmap_names(paths: list[Path], folder: Path) -> list[Path]:
-    """``<stem>.png`` per input, ``<stem>-2.png``, ... where stems repeat."""
-    used: dict[str, int] = {}
+    """One distinct ``<stem>.png`` per input: ``<stem>-2.png``, ``-3``, ... where a name is taken already.
+
+    Names are compared without case (macOS and Windows folders), so ``y/a.png``, ``z/a.png`` and
+    ``z/a-2.png`` give ``a.png``, ``a-2.png`` and ``a-2-2.png``; the CSV/JSON output maps each input to its file.
+    """
+    used: set[str] = set()
     names = []
     for path in paths:
-        stem = path.name.split(".")[0] or path.name
-        count = used.get(stem, 0) + 1
-        used[stem] = count
-        names.append(folder / (f"{stem}.png" if count == 1 else f"{stem}-{count}.png"))
+        stem = path.stem or path.name
+        name, count = f"{stem}.png", 1
+        while name.lower() in used:
+            count += 1
+            name = f"{stem}-{count}.png"
+        used.add(name.lower())
+        names.append(folder / name)
     return names
+
+
+def _heatmap_at_source_size(path: Path, heatmap: np.ndarray, transform: ImageTransform) -> np.ndarray:
+    """The overlay of ``heatmap`` (model input resolution) on the input image, at the image's own size.
+
+    The heatmap is mapped back through the eval transform's resize and crop (``source_box``); parts of
+    the image the model did not see (a center crop's margins) are left untinted.
+    """
+    picture = np.asarray(load_image(path, channels=3))  # decoded again: the batch holds the resized input only
+    height, width = picture.shape[:2]
+    left, top, right, bottom = transform.source_box(width, height)
+    box_w, box_h = max(1, round(right - left)), max(1, round(bottom - top))
+    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((box_w, box_h), Image.Resampling.BILINEAR))
+    x0, y0 = round(left), round(top)
+    dx0, dy0, dx1, dy1 = max(0, x0), max(0, y0), min(width, x0 + box_w), min(height, y0 + box_h)
+    canvas = np.zeros((height, width), dtype=np.float32)
+    canvas[dy0:dy1, dx0:dx1] = heat[dy0 - y0 : dy1 - y0, dx0 - x0 : dx1 - x0]
+    blended = overlay(picture, np.clip(canvas, 0.0, 1.0))
+    seen = np.zeros((height, width), dtype=bool)
+    seen[dy0:dy1, dx0:dx1] = True
+    blended[~seen] = picture[~seen]
+    return blended
 
 
 def _decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
@@ -159,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
     failed = [Prediction(arg, error=why) for arg, why in inputs.missing]
     for arg, why in inputs.missing:
         print(f"qing: skipped {arg}: {why}", file=sys.stderr)
+    for path in inputs.not_images[:_NOT_IMAGES_SHOWN]:
+        print(f"qing: not read {path}: {_NOT_AN_IMAGE}", file=sys.stderr)
+    if len(inputs.not_images) > _NOT_IMAGES_SHOWN:
+        print(f"qing: not read {len(inputs.not_images) - _NOT_IMAGES_SHOWN} more such file(s)", file=sys.stderr)
 
     dataset = ImageFiles(inputs.files, transform)
     runner = build_runner(loaded, args, device, check_images=inputs.files[:4])
@@ -174,11 +214,16 @@ def run(args: argparse.Namespace) -> int:
             results[index].probabilities = [float(p) for p in row]
         if heatmap_paths:
             heat = class_token_heatmap(loaded.model, batch.images)
-            pictures = denormalize(batch.images, transform.mean, transform.std)
-            for index, picture, heatmap in zip(batch.indices, pictures, heat):
+            for index, heatmap in zip(batch.indices, heat):
+                try:
+                    blended = _heatmap_at_source_size(inputs.files[index], heatmap.numpy(), transform)
+                except (ImageLoadError, OSError) as err:  # the file changed since its prediction
+                    print(f"qing: no heatmap for {inputs.files[index]}: {err}", file=sys.stderr)
+                    continue
                 target = heatmap_paths[index]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(overlay(picture, heatmap)).save(target)
+                with atomic_path(target) as tmp:
+                    Image.fromarray(blended).save(tmp, format="PNG")
                 results[index].heatmap = str(target)
 
     everything = failed + results
@@ -186,7 +231,10 @@ def run(args: argparse.Namespace) -> int:
     if fmt == "table":
         print(_table(loaded, results))
     else:
-        text = _csv(loaded, everything, heatmaps=bool(heatmap_paths)) if fmt == "csv" else _json(loaded, everything)
+        if fmt == "csv":
+            text = _csv(loaded, everything, heatmaps=bool(heatmap_paths))
+        else:
+            text = _json(loaded, everything, inputs.not_images)
         if args.output is None:
             sys.stdout.write(text)
         else:
@@ -195,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     where = f" -> {args.output}" if args.output is not None else ""
     print(
         f"qing: {ok} image(s) predicted{where}; thresholds: {_threshold_text(loaded)}"
-        + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else ""),
+        + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else "")
+        + (f"; {len(inputs.not_images)} other file(s) not read (listed above)" if inputs.not_images else ""),
         file=sys.stderr,
     )
     if n_bad:
@@ -207,11 +256,23 @@ def run(args: argparse.Namespace) -> int:
 def _threshold_text(loaded: LoadedModel) -> str:
     if loaded.task == "multiclass":
         return loaded.threshold_source
-    values = ", ".join(f"{t:.3g}" for t in loaded.thresholds[:6]) + (", ..." if len(loaded.thresholds) > 6 else "")
+    values = ", ".join(f"{t:.6g}" for t in loaded.thresholds[:6]) + (", ..." if len(loaded.thresholds) > 6 else "")
     return f"{values} ({loaded.threshold_source})"
 
 
+def _compared(p: float, t: float) -> str:
+    """``"0.4986 >= 0.4985"``: a probability against its threshold, with as many decimals as the comparison needs."""
+    sign = ">=" if p >= t else "<"
+    for decimals in range(4, 17):
+        shown_p, shown_t = f"{p:.{decimals}f}", f"{t:.{decimals}f}"
+        if shown_p != shown_t or p == t:
+            break
+    return f"{shown_p} {sign} {shown_t}"
+
+
 def _table(loaded: LoadedModel, results: list[Prediction]) -> str:
+    if loaded.task == "multilabel":
+        return _multilabel_table(loaded, results)
     few = len(loaded.labels) <= 4
     headers = ["image", *(loaded.labels if few else ["top output"]), "decision"]
     rows = []
@@ -220,17 +281,29 @@ def _table(loaded: LoadedModel, results: list[Prediction]) -> str:
             rows.append([r.path, *(["-"] * (len(headers) - 2)), "unreadable"])
             continue
         decision = _decisions(loaded, r.probabilities)
-        if loaded.task == "binary":
-            shown = loaded.labels[0] if decision else loaded.negative_label
-        else:
-            shown = ", ".join(decision) or "none above threshold"
+        shown = (loaded.labels[0] if decision else loaded.negative_label) if loaded.task == "binary" else decision[0]
         if few:
             probs = [f"{p:.4f}" for p in r.probabilities]
         else:
             top = int(np.argmax(r.probabilities))
             probs = [f"{loaded.labels[top]} {r.probabilities[top]:.4f}"]
         rows.append([r.path, *probs, shown])
-    return format_table(headers, rows, max_width=70)
+    return format_table(headers, rows, max_width=_NO_CUT)
+
+
+def _multilabel_table(loaded: LoadedModel, results: list[Prediction]) -> str:
+    """Per image: the positive outputs, most probable first, each against its threshold; then the top negative."""
+    headers = ["image", "positive (probability >= threshold)", "top negative"]
+    rows = []
+    for r in results:
+        if r.probabilities is None:
+            rows.append([r.path, "unreadable", "-"])
+            continue
+        ranked = sorted(zip(loaded.labels, r.probabilities, loaded.thresholds), key=lambda x: -x[1])
+        positive = [f"{name} {_compared(p, t)}" for name, p, t in ranked if p >= t]
+        negative = next((f"{name} {_compared(p, t)}" for name, p, t in ranked if p < t), "-")
+        rows.append([r.path, "; ".join(positive) or "none", negative])
+    return format_table(headers, rows, max_width=_NO_CUT)
 
 
 def _csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool) -> str:
@@ -252,7 +325,7 @@ def _csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool) -> s
     return buffer.getvalue()
 
 
-def _json(loaded: LoadedModel, results: list[Prediction]) -> str:
+def _json(loaded: LoadedModel, results: list[Prediction], not_images: list[Path]) -> str:
     predictions, failed = [], []
     for r in results:
         if r.probabilities is None:
@@ -274,5 +347,6 @@ def _json(loaded: LoadedModel, results: list[Prediction]) -> str:
         "threshold_source": loaded.threshold_source,
         "predictions": predictions,
         "failed": failed,
+        "not_read": [{"path": str(p), "reason": _NOT_AN_IMAGE} for p in not_images],
     }
     return json.dumps(document, indent=2) + "\n"
