@@ -20,6 +20,7 @@ from qing.version import __version__
 if TYPE_CHECKING:
     from qing.convert import load_checkpoint_file
     from qing.data import DataConfig, build_datasets, build_transforms, load_image, load_splits, make_synthetic_cxr
+    from qing.deploy import export_onnx
     from qing.train import Callback, NonFiniteLossError, RunResult, TrainConfig, Trainer
 
 
@@ -36,6 +37,7 @@ _LAZY = {
     "TrainConfig": "qing.train",
     "Trainer": "qing.train",
     "load_checkpoint_file": "qing.convert",
+    "export_onnx": "qing.deploy",
 }
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "build_datasets",
     "build_transforms",
     "create_model",
+    "export_onnx",
     "from_pretrained",
     "get_meta",
     "list_models",

@@ -5,7 +5,9 @@ A saved model is a folder (or a Hub repo) of three files:
 - ``model.safetensors``: the state dict (never a pickle);
 - ``config.json``: timm's config (``architecture``, ``num_classes``, ``label_names``, ``model_args``,
   ``pretrained_cfg`` with ``mean``/``std``/``input_size``), plus ``model.qing_meta`` (task, decision
-  thresholds, metrics, datasets) under the ``"qing"`` key;
+  thresholds, metrics, datasets) under the ``"qing"`` key and transformers' ``problem_type``
+  (``multi_label_classification`` for the sigmoid tasks, so ``pipeline("image-classification")``
+  applies a sigmoid per label);
 - ``README.md``: a model card (see [qing.model_card][]).
 
 Writing goes through timm's ``save_for_hf`` and ``huggingface_hub.HfApi``; reading through timm's own
@@ -61,7 +63,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from qing._io import FILE_MODE, fsync_dir, fsync_tree
-from qing.meta import ModelMeta, default_label_names, get_meta
+from qing.meta import ModelMeta, default_label_names, get_meta, model_task
 from qing.model_card import generate_model_card
 from qing.version import __version__
 
@@ -86,6 +88,12 @@ _RESERVED = (SAFETENSORS_SINGLE_FILE, CONFIG_NAME, REPOCARD_NAME)
 # Files timm's ``local-dir:`` loader accepts as weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pth.tar")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# transformers' problem_type per qing task: which activation its image-classification pipeline applies.
+_PROBLEM_TYPES = {
+    "binary": "multi_label_classification",
+    "multilabel": "multi_label_classification",
+    "multiclass": "single_label_classification",
+}
 _CARD_FIELDS = frozenset(inspect.signature(generate_model_card).parameters) - {"config", "model_id", "num_params"}
 
 
@@ -260,13 +268,18 @@ def _write_model_folder(
     if meta.task == "binary" and num_classes != 1:
         raise ValueError(f"model.qing_meta.task is 'binary' but the model has {num_classes} outputs (expected 1)")
     model_config: dict[str, Any] = {"qing": _jsonable(meta.to_dict(), "model.qing_meta")}
+    model_config["problem_type"] = _PROBLEM_TYPES[model_task(model)]
     names = _resolve_label_names(model, label_names)
     if names:  # top level (timm's convention) and in the pretrained cfg, as a loaded model has them
         model_config["label_names"] = names
         model_config["pretrained_cfg"] = {"num_classes": num_classes, "label_names": names}
     save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    # transformers' TimmWrapper passes num_classes=num_labels and then **model_args: a repeat is a TypeError.
+    # timm reads num_classes from the top level, so model_args needs no copy.
+    config.get("model_args", {}).pop("num_classes", None)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if model_card:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         num_params = sum(p.numel() for p in model.parameters())
         card = generate_model_card(config, model_id=model_id, num_params=num_params, **card_fields)
         (folder / REPOCARD_NAME).write_text(card, encoding="utf-8")

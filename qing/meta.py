@@ -15,7 +15,16 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["TASKS", "ModelMeta", "default_label_names", "get_meta", "set_meta", "sync_head"]
+__all__ = [
+    "TASKS",
+    "ModelMeta",
+    "default_label_names",
+    "get_meta",
+    "model_labels",
+    "model_task",
+    "set_meta",
+    "sync_head",
+]
 
 #: ``binary``: one logit, sigmoid. ``multilabel``: one sigmoid per label. ``multiclass``: softmax.
 TASKS = ("binary", "multilabel", "multiclass")
@@ -141,3 +150,18 @@ def sync_head(model: nn.Module) -> None:
     meta = getattr(model, "qing_meta", None)
     if isinstance(meta, ModelMeta) and meta.thresholds is not None and len(meta.thresholds) != num_classes:
         model.qing_meta = dataclasses.replace(meta, thresholds=None, threshold_method=None, metrics={})
+
+
+def model_labels(model: nn.Module) -> list[str]:
+    """One name per output: the pretrained cfg's ``label_names``, :func:`default_label_names` where missing."""
+    num_classes = int(getattr(model, "num_classes", 0))
+    names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or ())
+    if len(names) != num_classes:
+        names = [""] * num_classes
+    defaults = default_label_names(num_classes)
+    return [str(name) if name else defaults[i] for i, name in enumerate(names)]
+
+
+def model_task(model: nn.Module) -> str:
+    """The model's task: its metadata's, else ``binary`` for one output and ``multilabel`` for more."""
+    return get_meta(model).task or ("binary" if int(getattr(model, "num_classes", 0)) == 1 else "multilabel")

@@ -79,7 +79,8 @@ def test_save_pretrained_writes_timm_folder_and_loads_back(tmp_path):
     assert config["architecture"] == "qing_test_tr1"
     assert config["num_classes"] == 1
     assert config["label_names"] == config["pretrained_cfg"]["label_names"] == ["Pneumonia"]
-    assert config["model_args"]["num_classes"] == 1
+    assert "num_classes" not in config["model_args"]  # transformers passes num_classes itself (TypeError if repeated)
+    assert config["problem_type"] == "multi_label_classification"  # transformers' pipeline: sigmoid per label
     cfg = config["pretrained_cfg"]
     assert cfg["mean"] == [0.485] * 3 and cfg["std"] == [0.229] * 3 and cfg["input_size"] == [3, 160, 160]
     assert config["qing"] == {

@@ -27,6 +27,8 @@ EXPECTED = {
     "`python benchmarks/throughput.py --device cpu --modes compile "
     "--out benchmarks/results/throughput_cpu_compile.json`",
     "throughput_cuda.json": "the same benchmark on a CUDA GPU: `python benchmarks/throughput.py --device cuda`",
+    "inference_cpu.json": "the CPU inference benchmark (PyTorch fp32 and bf16 + channels_last, onnxruntime fp32 "
+    "and int8, `qing predict` end to end, int8 test AUROC): `python benchmarks/inference.py --trained RUN_DIR`",
 }
 
 

@@ -14,6 +14,7 @@ Commands:
 - ``qing predict MODEL INPUT...``: probabilities, decisions and attention heatmaps for image files;
 - ``qing explain MODEL IMAGE``: attention per block and head in one figure;
 - ``qing app [MODEL...]``: a local web page (Gradio) to run a model on dropped images, or a Hugging Face Space;
+- ``qing export MODEL OUT.onnx``: an ONNX file checked against PyTorch, with labels and preprocessing inside;
 - ``qing convert SRC DST``: CheXNet / original hybrid / torchxrayvision checkpoints to a qing model folder;
 - ``qing push DIR REPO_ID`` and ``qing pull REPO_ID DIR``: the Hugging Face Hub round trip (and Spaces).
 """
@@ -28,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Optional
 
-from qing.cli import _app, _convert, _demo, _eval, _explain, _hub, _models, _predict, _train
+from qing.cli import _app, _convert, _demo, _eval, _explain, _export, _hub, _models, _predict, _train
 from qing.cli._common import CLIError, HelpFormatter
 from qing.version import __version__
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what qing does (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
-    for module in (_demo, _models, _train, _eval, _predict, _explain, _app, _convert, _hub):
+    for module in (_demo, _models, _train, _eval, _predict, _explain, _app, _export, _convert, _hub):
         module.register(sub)
     return parser
 

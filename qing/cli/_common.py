@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,8 +16,10 @@ from torch import nn
 
 from qing._factory import create_model
 from qing.convert import load_checkpoint_file
+from qing.data import ImageTransform, build_transforms, resolve_image_config
+from qing.deploy import OnnxModel
 from qing.evaluate import inference
-from qing.meta import get_meta
+from qing.meta import get_meta, model_labels, model_task
 
 _log = logging.getLogger("qing.cli")
 
@@ -112,17 +114,20 @@ class LoadedModel:
     """A model from a MODEL argument, in eval mode on its device, with what predictions need.
 
     Attributes:
-        model: The model.
+        model: The PyTorch model; ``None`` when MODEL is an ONNX file.
         name: The MODEL argument as given.
-        source: What was loaded, in words (folder, Hub repo, registry tag, converted file).
+        source: What was loaded, in words (folder, Hub repo, registry tag, converted file, ONNX file).
         labels: One name per output (``output_<i>`` where the model has none).
         task: ``binary``, ``multilabel`` or ``multiclass``.
         thresholds: Per-output decision thresholds (sigmoid tasks), ``[]`` for multiclass (argmax).
         threshold_source: Where the thresholds came from, in words.
         negative_label: Binary task: the name shown for a negative decision.
+        threshold_method: How stored thresholds were chosen (``None`` for given or default ones).
+        image_config: The preprocessing (``qing.data.resolve_image_config``).
+        onnx: The onnxruntime model: the ONNX MODEL, or the PyTorch model exported by ``--runtime onnx``.
     """
 
-    model: nn.Module
+    model: Optional[nn.Module]
     name: str
     source: str
     labels: list[str]
@@ -130,11 +135,18 @@ class LoadedModel:
     thresholds: list[float]
     threshold_source: str
     negative_label: str = "negative"
+    threshold_method: Optional[str] = None
+    image_config: dict[str, Any] = field(default_factory=dict)
+    onnx: Optional[OnnxModel] = None
 
     @property
     def has_attention(self) -> bool:
-        """Whether attention maps can be drawn (a qing CNN-Transformer)."""
+        """Whether attention maps can be drawn (a qing CNN-Transformer in PyTorch)."""
         return hasattr(self.model, "forward_attention") and bool(getattr(self.model, "feat_stride", None))
+
+    def transform(self) -> ImageTransform:
+        """The eval transform of the model's preprocessing."""
+        return build_transforms(self.image_config, train=False)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -201,15 +213,6 @@ def _warn_untrained_head(model: nn.Module, spec: str) -> None:
         )
 
 
-def model_labels(model: nn.Module) -> list[str]:
-    """One name per output: the pretrained cfg's ``label_names``, ``output_<i>`` where missing or empty."""
-    num_classes = int(getattr(model, "num_classes", 0))
-    names = list(model.pretrained_cfg.get("label_names") or ())
-    if len(names) != num_classes:
-        names = [""] * num_classes
-    return [str(name) if name else f"output_{i}" for i, name in enumerate(names)]
-
-
 def parse_thresholds(text: Optional[str], num_outputs: int) -> Optional[list[float]]:
     """``--threshold``: one probability for every output, or a comma-separated list with one per output."""
     if text is None:
@@ -232,27 +235,53 @@ def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = No
 
     MODEL is a folder written by ``qing train`` / ``convert`` / ``pull`` (or a run folder, meaning its
     ``checkpoints/best``), ``hf-hub:owner/name[@revision]``, ``local-dir:PATH``, a registered
-    ``architecture.tag``, or a foreign checkpoint file (converted on the fly).
+    ``architecture.tag``, a foreign checkpoint file (converted on the fly), or an ``.onnx`` file
+    written by ``qing export`` (labels, thresholds and preprocessing from its metadata).
     """
+    if spec.lower().endswith(".onnx"):
+        return _load_onnx(spec, threshold)
     model, source = _create_from_spec(spec)
     model = model.eval().to(device)
-    labels = model_labels(model)
     meta = get_meta(model)
-    task = meta.task or ("binary" if len(labels) == 1 else "multilabel")
+    loaded = LoadedModel(model, spec, source, model_labels(model), model_task(model), [], "")
+    loaded.image_config = resolve_image_config(model)
+    _set_thresholds(loaded, threshold, meta.thresholds, meta.threshold_method)
+    loaded.negative_label = meta.negative_label or loaded.negative_label
+    return loaded
+
+
+def _load_onnx(spec: str, threshold: Optional[str]) -> LoadedModel:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise CLIError(f"ONNX model not found: {spec} (write one with `qing export MODEL {path.name}`)")
+    onnx = OnnxModel(path)
+    meta = onnx.metadata
+    loaded = LoadedModel(None, spec, f"ONNX file {path}", meta.labels, meta.task, [], "", onnx=onnx)
+    loaded.image_config = onnx.image_config
+    _set_thresholds(loaded, threshold, meta.thresholds, meta.threshold_method)
+    loaded.negative_label = meta.negative_label or loaded.negative_label
+    return loaded
+
+
+def _set_thresholds(
+    loaded: LoadedModel, threshold: Optional[str], stored: Optional[list[float]], method: Optional[str]
+) -> None:
+    """``--threshold``, else the stored thresholds, else 0.5 (argmax for multiclass); the negative label."""
+    labels, task = loaded.labels, loaded.task
     override = parse_thresholds(threshold, len(labels))
     if task == "multiclass":
         if override is not None:
             raise CLIError("--threshold does not apply to a multiclass model (the decision is the argmax)")
-        thresholds, where = [], "argmax (multiclass)"
+        loaded.thresholds, loaded.threshold_source = [], "argmax (multiclass)"
     elif override is not None:
-        thresholds, where = override, "--threshold"
-    elif meta.thresholds is not None and len(meta.thresholds) == len(labels):
-        method = f", {meta.threshold_method}" if meta.threshold_method else ""
-        thresholds, where = list(meta.thresholds), f"stored with the model{method}"
+        loaded.thresholds, loaded.threshold_source = override, "--threshold"
+    elif stored is not None and len(stored) == len(labels):
+        loaded.thresholds = list(stored)
+        loaded.threshold_source = "stored with the model" + (f", {method}" if method else "")
+        loaded.threshold_method = method
     else:
-        thresholds, where = [0.5] * len(labels), "default: the model has no stored thresholds"
-    negative = meta.negative_label or (f"not {labels[0]}" if task == "binary" else "negative")
-    return LoadedModel(model, spec, source, labels, task, thresholds, where, negative)
+        loaded.thresholds, loaded.threshold_source = [0.5] * len(labels), "default: the model has no stored thresholds"
+    loaded.negative_label = f"not {labels[0]}" if task == "binary" else "negative"
 
 
 # ---- outputs -------------------------------------------------------------------------------------

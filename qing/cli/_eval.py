@@ -29,6 +29,7 @@ from qing.cli._common import (
     short_path,
 )
 from qing.cli._inference import inference_loader
+from qing.cli._runtime import add_runtime_flags, build_runner
 from qing.data import (
     NEGATIVE_CLASS_NAMES,
     NIH_FINDINGS_COLUMN,
@@ -36,13 +37,13 @@ from qing.data import (
     BadImage,
     CXRDataset,
     Sample,
-    build_transforms,
     read_class_folders,
     read_label_csv,
     read_list_file,
 )
 from qing.data.split_record import SPLIT_RECORD, RecordedImage, read_split_record
 from qing.evaluate import collect_logits, evaluate_logits
+from qing.meta import default_label_names
 from qing.train.run_folder import read_marker
 
 EPILOG = """\
@@ -53,6 +54,8 @@ examples:
   qing eval runs/pneumonia manifest.csv --label-column label --output reports/pneumonia
   qing eval runs/nih nih/labels.csv --split-column repo_split --split test   # 0/1 columns named like the outputs
   qing eval qing_chexnet_densenet121.chexnet test_list.txt --image-dir images/
+  qing eval model.onnx data/chest_xray -o reports/onnx                # onnxruntime (an exported model)
+  qing eval runs/pneumonia data/chest_xray --runtime onnx             # export on the fly, then onnxruntime
 
 DATA is a folder of class folders, a CSV (a class-name column, one 0/1 column per model output, or
 NIH's "Finding Labels" column of |-separated findings, "No Finding" = none) or a ChestX-ray14 list
@@ -104,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap")
     add_progress_flag(out)
     add_device_flags(parser)
+    add_runtime_flags(parser)
     add_common_flags(parser)
     parser.set_defaults(func=run)
 
@@ -149,7 +153,7 @@ def _class_targets(
                 f"({', '.join(classes)}); give data with two classes"
             )
         positive = _match(labels[0], classes)
-        if positive is None and labels[0] == "output_0" and len(classes) == 2:
+        if positive is None and labels[0] == default_label_names(1)[0] and len(classes) == 2:
             negatives = [c for c in classes if c.lower() in NEGATIVE_CLASS_NAMES]
             positive = next(c for c in classes if c not in negatives[:1]) if negatives else classes[1]
         if positive is None:
@@ -352,18 +356,18 @@ def run(args: argparse.Namespace) -> int:
                 "run's test split)",
                 seen["train"] + seen["val"], len(samples), seen["train"], seen["val"], args.model,
             )  # fmt: skip
-    transform = build_transforms(loaded.model, train=False)
+    transform = loaded.transform()
     dataset = CXRDataset(samples, task=loaded.task, transform=transform)
 
-    loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
-    outputs = collect_logits(loaded.model, loader, device=device, progress=args.progress, desc="eval")
+    runner = build_runner(loaded, args, device, check_images=[s.path for s in samples[:4]])
+    loader = inference_loader(dataset, device=runner.device, batch_size=args.batch_size, num_workers=args.num_workers)
+    outputs = collect_logits(runner, loader, progress=args.progress, desc="eval")
     bad_files = BadFileLog()
     for bad in outputs.bad:
         bad_files.add(bad.path, bad.reason)
     if not len(outputs.indices):
         raise CLIError(f"none of the {len(dataset)} images of {description} could be read")
-    from_model = loaded.threshold_source.startswith("stored")
-    method = loaded.model.qing_meta.threshold_method if from_model else None
+    method = loaded.threshold_method
     if loaded.threshold_source == "--threshold":
         method = "given (--threshold)"
     evaluation = evaluate_logits(
@@ -378,6 +382,9 @@ def run(args: argparse.Namespace) -> int:
         negative_label=negative,
     )
     shown = None
+    if loaded.model is None:
+        note = "qing: note: the report has no attention or feature-map figures: they need the PyTorch model"
+        print(note, file=sys.stderr)
     if loaded.has_attention:  # the report's attention figures: the first readable images
         items = [dataset[i] for i in outputs.indices[:4].tolist()]
         images = [item["image"] for item in items if not isinstance(item, BadImage)]

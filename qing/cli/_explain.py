@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"image file not found: {args.image}")
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
+    if loaded.model is None:
+        raise CLIError(
+            f"qing explain needs the PyTorch model: attention maps are not part of the ONNX graph of {args.model}; "
+            "give the model folder it was exported from"
+        )
     if not loaded.has_attention:
         raise CLIError(f"{args.model} has no attention maps to show; qing explain needs a qing CNN-Transformer")
     transform = build_transforms(loaded.model, train=False)

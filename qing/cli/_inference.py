@@ -20,13 +20,12 @@ from qing.data import (
     BadImage,
     ImageFiles,
     ImageTransform,
-    build_transforms,
     collate_skip_bad,
     is_dicom,
     is_image_file,
     scan_folder,
 )
-from qing.evaluate import iter_logits, probabilities
+from qing.evaluate import Runner, TorchRunner, iter_logits, probabilities
 
 _GLOB_CHARS = ("*", "?", "[")
 
@@ -134,7 +133,8 @@ def iter_predictions(
     loaded: LoadedModel,
     files: Sequence[Path],
     *,
-    device: torch.device,
+    runner: Optional[Runner] = None,
+    device: Optional[torch.device] = None,
     batch_size: int = 16,
     num_workers: int = 0,
     progress: Optional[bool] = False,
@@ -145,16 +145,20 @@ def iter_predictions(
     Args:
         loaded: The model (from :func:`qing.cli._common.load_model`), on ``device``.
         files: Image files (PNG, JPEG, DICOM, ...); unreadable ones come back in :attr:`PredictedBatch.bad`.
-        device: Where the model runs.
+        runner: What runs the batches (``qing.cli._runtime.build_runner``: PyTorch with its fast paths, or
+            onnxruntime); default: ``loaded.model`` on ``device``, or the ONNX file's runner.
+        device: Where the model runs when no ``runner`` is given (default: where its weights are).
         batch_size: Images per forward pass.
         num_workers: Image-reading worker processes.
         progress: Progress bar on stderr (``None``: only on a terminal).
-        transform: The evaluation transform (default: ``build_transforms(loaded.model, train=False)``).
+        transform: The evaluation transform (default: ``loaded.transform()``).
     """
-    transform = transform or build_transforms(loaded.model, train=False)
+    if runner is None:
+        runner = loaded.onnx if loaded.model is None else TorchRunner(loaded.model, device=device)
+    transform = transform or loaded.transform()
     dataset = ImageFiles(files, transform)
-    loader = inference_loader(dataset, device=device, batch_size=batch_size, num_workers=num_workers)
-    for batch in iter_logits(loaded.model, loader, device=device, progress=progress, desc="predict"):
+    loader = inference_loader(dataset, device=runner.device, batch_size=batch_size, num_workers=num_workers)
+    for batch in iter_logits(runner, loader, progress=progress, desc="predict"):
         if batch.indices:
             probs = probabilities(batch.logits.numpy(), loaded.task)
         else:

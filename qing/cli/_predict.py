@@ -29,7 +29,8 @@ from qing.cli._common import (
     resolve_device,
 )
 from qing.cli._inference import expand_inputs, iter_predictions
-from qing.data import ImageLoadError, ImageTransform, build_transforms, load_image
+from qing.cli._runtime import add_runtime_flags, build_runner, heatmap_refusal, runtime_of
+from qing.data import ImageLoadError, ImageTransform, load_image
 from qing.explain import class_token_heatmap, overlay
 
 EPILOG = """\
@@ -38,9 +39,12 @@ examples:
   qing predict runs/pneumonia scans/ 'more/**/*.dcm' --output predictions.csv
   qing predict hf-hub:me/cxr-pneumonia images/ --format json --output predictions.json --heatmaps heatmaps/
   qing predict qing_xrv_densenet121.all chest.dcm --threshold 0.6
+  qing predict model.onnx scans/ -o predictions.csv                  # onnxruntime, no PyTorch model needed
+  qing predict runs/pneumonia scans/ --amp bf16 --channels-last --num-workers 2
 
 MODEL is a model folder (a run folder means its checkpoints/best), hf-hub:owner/name[@revision],
-local-dir:PATH, a registered architecture.tag with weights, or a checkpoint file (converted on the fly).
+local-dir:PATH, a registered architecture.tag with weights, a checkpoint file (converted on the fly),
+or an .onnx file written by qing export (heatmaps need the PyTorch model).
 The decision uses the thresholds stored with the model (chosen on validation data by qing train),
 else 0.5; a multiclass model predicts the most probable class. In folders, DICOM files are found by
 their DICM preamble whatever their name; other files are listed as not read. Unreadable images are
@@ -92,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_progress_flag(out)
     add_device_flags(parser)
+    add_runtime_flags(parser)
     add_common_flags(parser)
     parser.set_defaults(func=run)
 
@@ -179,9 +184,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device, threshold=args.threshold)
+    runtime = runtime_of(args, loaded)
+    if heatmap_paths and heatmap_refusal(loaded, runtime):
+        raise CLIError(heatmap_refusal(loaded, runtime))
     if heatmap_paths and not loaded.has_attention:
         raise CLIError(f"--heatmaps needs a qing CNN-Transformer with attention maps; {args.model} has none")
-    transform = build_transforms(loaded.model, train=False)
+    transform = loaded.transform()
     results = [Prediction(str(p)) for p in inputs.files]
     failed = [Prediction(arg, error=why) for arg, why in inputs.missing]
     for arg, why in inputs.missing:
@@ -194,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     batches = iter_predictions(
         loaded,
         inputs.files,
-        device=device,
+        runner=build_runner(loaded, args, device, check_images=inputs.files[:4]),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         progress=args.progress,
