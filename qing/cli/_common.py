@@ -16,7 +16,8 @@ from torch import nn
 
 from qing._factory import create_model
 from qing.convert import load_checkpoint_file
-from qing.evaluate import inference
+from qing.evaluate import inference, probabilities
+from qing.explain import gradcam_layer
 from qing.meta import get_meta
 
 _log = logging.getLogger("qing.cli")
@@ -78,6 +79,25 @@ def add_progress_flag(group: argparse._ActionsContainer) -> None:
     )
 
 
+def add_calibration_flags(group: argparse._ActionsContainer, *, tta: bool = True) -> None:
+    """``--no-calibration`` (and ``--tta``): how logits become the probabilities shown and thresholded."""
+    group.add_argument(
+        "--calibration",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="divide the logits by the model's stored temperatures (temperature scaling fitted on validation); "
+        "--no-calibration shows plain sigmoid/softmax probabilities, with the stored thresholds moved to that "
+        "scale so every decision stays the same",
+    )
+    if tta:
+        group.add_argument(
+            "--tta",
+            action="store_true",
+            help="test-time augmentation: average the probabilities over 7 views (the image, 4%% shifts in four "
+            "directions, zooms 0.95 and 1.05; no flip: laterality); 7x slower",
+        )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -117,9 +137,12 @@ class LoadedModel:
         source: What was loaded, in words (folder, Hub repo, registry tag, converted file).
         labels: One name per output (``output_<i>`` where the model has none).
         task: ``binary``, ``multilabel`` or ``multiclass``.
-        thresholds: Per-output decision thresholds (sigmoid tasks), ``[]`` for multiclass (argmax).
+        thresholds: Per-output decision thresholds (sigmoid tasks), ``[]`` for multiclass (argmax); on the
+            scale of the probabilities :meth:`probabilities` gives.
         threshold_source: Where the thresholds came from, in words.
         negative_label: Binary task: the name shown for a negative decision.
+        temperatures: The temperatures logits are divided by (``None``: not calibrated).
+        calibration_source: How the probabilities are calibrated, in words.
     """
 
     model: nn.Module
@@ -130,11 +153,26 @@ class LoadedModel:
     thresholds: list[float]
     threshold_source: str
     negative_label: str = "negative"
+    temperatures: Optional[list[float]] = None
+    calibration_source: str = "none"
+
+    def probabilities(self, logits: Any) -> Any:
+        """``(N, C)`` probabilities of ``(N, C)`` logits: the task's sigmoid/softmax after the temperatures."""
+        return probabilities(logits, self.task, self.temperatures)
 
     @property
     def has_attention(self) -> bool:
         """Whether attention maps can be drawn (a qing CNN-Transformer)."""
         return hasattr(self.model, "forward_attention") and bool(getattr(self.model, "feat_stride", None))
+
+    @property
+    def has_cnn_stage(self) -> bool:
+        """Whether Grad-CAM can be drawn (a CNN stage found by :func:`qing.explain.gradcam_layer`)."""
+        try:
+            gradcam_layer(self.model)
+        except TypeError:
+            return False
+        return True
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -227,17 +265,31 @@ def parse_thresholds(text: Optional[str], num_outputs: int) -> Optional[list[flo
     return values
 
 
-def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = None) -> LoadedModel:
-    """The model a MODEL argument names, in eval mode on ``device``, with labels, task and thresholds.
+def load_model(
+    spec: str, *, device: torch.device, threshold: Optional[str] = None, calibration: bool = True
+) -> LoadedModel:
+    """The model a MODEL argument names, in eval mode on ``device``, with labels, task, calibration and thresholds.
 
     MODEL is a folder written by ``qing train`` / ``convert`` / ``pull`` (or a run folder, meaning its
     ``checkpoints/best``), ``hf-hub:owner/name[@revision]``, ``local-dir:PATH``, a registered
-    ``architecture.tag``, or a foreign checkpoint file (converted on the fly).
+    ``architecture.tag``, or a foreign checkpoint file (converted on the fly). With ``calibration=False``
+    the stored temperatures are dropped and the stored thresholds moved to the plain probabilities
+    (:meth:`qing.ModelMeta.uncalibrated`), so the decisions do not change.
     """
     model, source = _create_from_spec(spec)
     model = model.eval().to(device)
     labels = model_labels(model)
     meta = get_meta(model)
+    if meta.temperatures is not None and len(meta.temperatures) != len(labels):
+        raise CLIError(f"{spec} stores {len(meta.temperatures)} temperatures for {len(labels)} outputs")
+    if meta.temperatures is None:
+        calibrated = "none (the model has no stored temperatures)"
+    elif calibration:
+        calibrated = "temperature scaling stored with the model (T = " + _few(meta.temperatures) + ")"
+    else:
+        meta = meta.uncalibrated()
+        model.qing_meta = meta
+        calibrated = "off (--no-calibration; stored thresholds moved to the plain probabilities)"
     task = meta.task or ("binary" if len(labels) == 1 else "multilabel")
     override = parse_thresholds(threshold, len(labels))
     if task == "multiclass":
@@ -252,7 +304,11 @@ def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = No
     else:
         thresholds, where = [0.5] * len(labels), "default: the model has no stored thresholds"
     negative = meta.negative_label or (f"not {labels[0]}" if task == "binary" else "negative")
-    return LoadedModel(model, spec, source, labels, task, thresholds, where, negative)
+    return LoadedModel(model, spec, source, labels, task, thresholds, where, negative, meta.temperatures, calibrated)
+
+
+def _few(values: Sequence[float], n: int = 6) -> str:
+    return ", ".join(f"{v:.3g}" for v in values[:n]) + (", ..." if len(values) > n else "")
 
 
 # ---- outputs -------------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from qing._io import write_text_atomic
+from qing._io import atomic_path, write_text_atomic
 from qing.cli._common import (
     CLIError,
     HelpFormatter,
     LoadedModel,
+    add_calibration_flags,
     add_common_flags,
     add_device_flags,
     add_model_argument,
@@ -30,8 +31,8 @@ from qing.cli._common import (
 )
 from qing.cli._inference import expand_inputs, inference_loader
 from qing.data import ImageFiles, build_transforms
-from qing.evaluate import iter_logits, probabilities
-from qing.explain import class_token_heatmap, denormalize, overlay
+from qing.evaluate import TTAModel, iter_logits
+from qing.explain import denormalize, heatmaps, overlay
 
 EPILOG = """\
 examples:
@@ -39,12 +40,15 @@ examples:
   qing predict runs/pneumonia scans/ 'more/**/*.dcm' --output predictions.csv
   qing predict hf-hub:me/cxr-pneumonia images/ --format json --output predictions.json --heatmaps heatmaps/
   qing predict qing_xrv_densenet121.all chest.dcm --threshold 0.6
+  qing predict runs/nih scans/ --heatmaps heatmaps/ --heatmap-method gradcam --heatmap-label Effusion
+  qing predict runs/pneumonia scans/ --tta --no-calibration -o predictions.csv
 
 MODEL is a model folder (a run folder means its checkpoints/best), hf-hub:owner/name[@revision],
 local-dir:PATH, a registered architecture.tag with weights, or a checkpoint file (converted on the fly).
-The decision uses the thresholds stored with the model (chosen on validation data by qing train),
-else 0.5; a multiclass model predicts the most probable class. Unreadable files are reported and
-skipped; the exit code is then 1, and the other images are still written.
+Probabilities are calibrated with the model's stored temperatures (--no-calibration: plain
+sigmoid/softmax). The decision uses the thresholds stored with the model (chosen on validation data by
+qing train, after calibration), else 0.5; a multiclass model predicts the most probable class.
+Unreadable files are reported and skipped; the exit code is then 1, and the other images are still written.
 """
 
 
@@ -77,13 +81,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("table", "csv", "json"),
         help="output format (default: from the --output suffix, else a table on stdout)",
     )
-    out.add_argument("--heatmaps", type=Path, metavar="DIR", help="save class-token attention overlays as PNG here")
+    out.add_argument("--heatmaps", type=Path, metavar="DIR", help="save heatmap overlays as PNG here")
+    out.add_argument(
+        "--heatmap-method",
+        choices=("rollout", "gradcam"),
+        help="rollout: class-token attention (qing CNN-Transformers; the default for them); gradcam: Grad-CAM of "
+        "one output at the last CNN stage (any CNN; the default for the others)",
+    )
+    out.add_argument(
+        "--heatmap-label",
+        metavar="NAME",
+        help="the output Grad-CAM explains (default: each image's most probable output)",
+    )
     out.add_argument("--overwrite", action="store_true", help="replace existing output and heatmap files")
     out.add_argument(
         "--threshold",
         metavar="P",
         help="decision threshold(s) instead of the model's: one probability, or one per output (comma-separated)",
     )
+    add_calibration_flags(out)
     add_progress_flag(out)
     add_device_flags(parser)
     add_common_flags(parser)
@@ -143,9 +159,20 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"no images to predict ({reasons})")
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, threshold=args.threshold)
-    if heatmap_paths and not loaded.has_attention:
-        raise CLIError(f"--heatmaps needs a qing CNN-Transformer with attention maps; {args.model} has none")
+    loaded = load_model(args.model, device=device, threshold=args.threshold, calibration=args.calibration)
+    method = args.heatmap_method or ("rollout" if loaded.has_attention else "gradcam")
+    if heatmap_paths and method == "rollout" and not loaded.has_attention:
+        raise CLIError(
+            f"--heatmap-method rollout needs a qing CNN-Transformer with attention maps; {args.model} has none "
+            "(use --heatmap-method gradcam)"
+        )
+    if heatmap_paths and method == "gradcam" and not loaded.has_cnn_stage:
+        raise CLIError(f"--heatmap-method gradcam needs a model with a CNN backbone; {args.model} has none")
+    if args.heatmap_label is not None:
+        if method != "gradcam":
+            raise CLIError("--heatmap-label chooses the output Grad-CAM explains; add --heatmap-method gradcam")
+        if args.heatmap_label not in loaded.labels:
+            raise CLIError(f"--heatmap-label {args.heatmap_label!r} is not one of {', '.join(loaded.labels)}")
     transform = build_transforms(loaded.model, train=False)
     results = [Prediction(str(p)) for p in inputs.files]
     failed = [Prediction(arg, error=why) for arg, why in inputs.missing]
@@ -154,22 +181,25 @@ def run(args: argparse.Namespace) -> int:
 
     dataset = ImageFiles(inputs.files, transform)
     loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
-    for batch in iter_logits(loaded.model, loader, device=device, progress=args.progress, desc="predict"):
+    model = TTAModel(loaded.model, task=loaded.task).eval() if args.tta else loaded.model
+    label = loaded.labels.index(args.heatmap_label) if args.heatmap_label is not None else None
+    for batch in iter_logits(model, loader, device=device, progress=args.progress, desc="predict"):
         for bad in batch.bad:
             results[bad.index].error = bad.reason
             print(f"qing: skipped {bad.path}: {bad.reason}", file=sys.stderr)
         if not batch.indices:
             continue
-        probs = probabilities(batch.logits.numpy(), loaded.task)
+        probs = loaded.probabilities(batch.logits.numpy())
         for index, row in zip(batch.indices, probs):
             results[index].probabilities = [float(p) for p in row]
         if heatmap_paths:
-            heat = class_token_heatmap(loaded.model, batch.images)
+            heat = heatmaps(loaded.model, batch.images, method=method, label=label)
             pictures = denormalize(batch.images, transform.mean, transform.std)
             for index, picture, heatmap in zip(batch.indices, pictures, heat):
                 target = heatmap_paths[index]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(overlay(picture, heatmap)).save(target)
+                with atomic_path(target) as tmp:
+                    Image.fromarray(overlay(picture, heatmap)).save(tmp, format="PNG")
                 results[index].heatmap = str(target)
 
     everything = failed + results
@@ -185,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
     ok = len(everything) - n_bad
     where = f" -> {args.output}" if args.output is not None else ""
     print(
-        f"qing: {ok} image(s) predicted{where}; thresholds: {_threshold_text(loaded)}"
-        + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else ""),
+        f"qing: {ok} image(s) predicted{where}; calibration: {loaded.calibration_source}; "
+        f"thresholds: {_threshold_text(loaded)}" + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else ""),
         file=sys.stderr,
     )
     if n_bad:
@@ -263,6 +293,8 @@ def _json(loaded: LoadedModel, results: list[Prediction]) -> str:
         "labels": loaded.labels,
         "thresholds": loaded.thresholds,
         "threshold_source": loaded.threshold_source,
+        "temperatures": loaded.temperatures,
+        "calibration": loaded.calibration_source,
         "predictions": predictions,
         "failed": failed,
     }

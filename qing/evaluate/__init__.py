@@ -42,7 +42,13 @@ from qing.evaluate.inference import (
     iter_logits,
     resolve_device,
 )
-from qing.evaluate.metrics import auroc_bootstrap, compute_metrics, probabilities, wilson_interval
+from qing.evaluate.metrics import (
+    auroc_bootstrap,
+    compute_metrics,
+    model_probabilities,
+    probabilities,
+    wilson_interval,
+)
 from qing.evaluate.plots import (
     curve_groups,
     plot_confusion_matrix,
@@ -86,6 +92,7 @@ __all__ = [
     "fit_temperatures",
     "iter_logits",
     "mcnemar_test",
+    "model_probabilities",
     "plot_confusion_matrix",
     "plot_pr_curves",
     "plot_reliability_diagrams",

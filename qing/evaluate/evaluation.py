@@ -83,7 +83,8 @@ class Evaluation:
 
         ``test_<name>`` for each defined score of :data:`SUMMARY_METRICS` and ``test_<name>_ci`` for
         its interval, ``test_ece_uncalibrated`` (the ECE before temperature scaling, when scaled),
-        ``n_test``, and ``per_label``: the :data:`SUMMARY_PER_LABEL` entries of each output.
+        ``n_test``, the ``confidence`` of the intervals, and ``per_label``: the :data:`SUMMARY_PER_LABEL`
+        entries of each output.
         """
         metrics = self.metrics
         out: dict[str, Any] = {}
@@ -96,6 +97,7 @@ class Evaluation:
         if before:
             out["test_ece_uncalibrated"] = before["ece"]
         out["n_test"] = metrics["n_samples"]
+        out["confidence"] = (metrics.get("roc_auc_bootstrap") or {}).get("confidence", 0.95)
         keep = [*SUMMARY_PER_LABEL, *(f"{k}_ci" for k in SUMMARY_PER_LABEL)]
         out["per_label"] = [{k: row[k] for k in keep if row.get(k) is not None} for row in metrics["per_label"]]
         return out
@@ -147,6 +149,7 @@ def evaluate_logits(
     thresholds: Optional[Sequence[float]] = None,
     threshold_method: Optional[str] = None,
     temperatures: Optional[Sequence[float]] = None,
+    temperature_source: str = "given",
     calibrate: bool = True,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -176,6 +179,7 @@ def evaluate_logits(
         threshold_method: How the given ``thresholds`` were chosen (recorded).
         temperatures: Given per-output temperatures (e.g. ``model.qing_meta.temperatures``): the logits
             are divided by them; nothing is fitted.
+        temperature_source: Where the given ``temperatures`` come from (recorded, e.g. "stored with the model").
         calibrate: Fit temperatures on the validation data (when given and ``temperatures`` is not).
         n_bootstrap: Bootstrap resamples of the AUROC and PR-AUC intervals (0: none).
         seed: Seed of the bootstrap.
@@ -194,7 +198,7 @@ def evaluate_logits(
     if val_logits is not None and thresholds is not None:
         raise ValueError("give thresholds or validation data to choose them on, not both")
     names = [str(name) for name in label_names]
-    source = "given" if temperatures is not None else None
+    source = temperature_source if temperatures is not None else None
     if temperatures is not None:
         temperatures = [float(t) for t in temperatures]
     elif val_logits is not None and calibrate:
@@ -230,6 +234,11 @@ def evaluate_logits(
     )
     raw = probabilities(logits, task) if temperatures is not None else None
     metrics["calibration"] = _calibration_record(y, raw, metrics, temperatures, source, task=task, n_bins=n_bins)
+    if len(y) < 10 * n_bins:
+        metrics["notes"].append(
+            f"Calibration errors from {len(y)} images in {n_bins} bins ({len(y) / n_bins:.1f} per bin) are noisy and "
+            "biased upward, the equal-mass ECE most; compare ECEs on the same images only."
+        )
     if temperatures is not None:
         for row, temperature in zip(metrics["per_label"], temperatures):
             row["temperature"] = temperature

@@ -35,8 +35,9 @@ from sklearn.metrics import (
 
 from qing.evaluate._inputs import as_numpy, check_inputs, jsonable
 from qing.evaluate.calibration import CALIBRATION_BINS, apply_temperatures, calibration_scores
+from qing.meta import get_meta
 
-__all__ = ["auroc_bootstrap", "compute_metrics", "probabilities", "wilson_interval"]
+__all__ = ["auroc_bootstrap", "compute_metrics", "model_probabilities", "probabilities", "wilson_interval"]
 
 # Bootstrap resamples are processed in chunks of about this many (resample, sample) cells.
 _CHUNK_CELLS = 2_000_000
@@ -59,6 +60,27 @@ def probabilities(logits: Any, task: str, temperatures: Optional[Sequence[float]
     if not np.isfinite(z).all():
         raise ValueError(f"logits contain {int((~np.isfinite(z)).sum())} NaN/inf value(s)")
     return softmax(z, axis=1) if task == "multiclass" else expit(z)
+
+
+def model_probabilities(model: Any, logits: Any) -> np.ndarray:
+    """The probabilities a model's logits stand for, calibrated as the model was.
+
+    :func:`probabilities` with the model's task and temperatures from ``model.qing_meta`` (a model
+    without a task is binary with one output, multi-label with more), so the result is on the scale of
+    ``model.qing_meta.thresholds``. A model loaded with ``qing.from_pretrained(..., calibration=False)``
+    has no temperatures: plain sigmoid / softmax.
+
+    Args:
+        model: A qing or timm model (its ``qing_meta`` and ``num_classes`` are read).
+        logits: ``(N, C)`` logits of ``model``.
+
+    Returns:
+        float64 ``(N, C)``.
+    """
+    meta = get_meta(model)
+    num_outputs = int(getattr(model, "num_classes", 0) or np.shape(as_numpy(logits))[-1])
+    task = meta.task or ("binary" if num_outputs == 1 else "multilabel")
+    return probabilities(logits, task, meta.temperatures)
 
 
 def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> Optional[list[float]]:

@@ -129,7 +129,9 @@ def _threshold_text(metrics: Mapping[str, Any]) -> str:
         what = f"Decision threshold {metrics['thresholds'][0]:.4g}"
     else:
         what = "Decision thresholds per label (see the table)"
-    return f"{what}: {rule}. A sample is positive when its probability >= threshold."
+    calibrated = (metrics.get("calibration") or {}).get("temperatures") is not None
+    scale = "calibrated probability (after temperature scaling)" if calibrated else "probability"
+    return f"{what}: {rule}. A sample is positive when its {scale} >= threshold."
 
 
 def _per_label_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
