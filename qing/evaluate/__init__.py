@@ -32,7 +32,7 @@ from qing.evaluate.calibration import (
     fit_temperatures,
 )
 from qing.evaluate.comparison import Comparison, compare, delong_test, mcnemar_test
-from qing.evaluate.evaluation import SUMMARY_METRICS, Evaluation, evaluate_logits
+from qing.evaluate.evaluation import SUMMARY_METRICS, SUMMARY_PER_LABEL, Evaluation, evaluate_logits
 from qing.evaluate.inference import (
     Batch,
     CUDAUnavailableError,
@@ -67,6 +67,7 @@ __all__ = [
     "DEFAULT_TTA_VIEWS",
     "DISCLAIMER",
     "SUMMARY_METRICS",
+    "SUMMARY_PER_LABEL",
     "THRESHOLD_METHODS",
     "Batch",
     "CUDAUnavailableError",

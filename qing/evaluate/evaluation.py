@@ -30,7 +30,7 @@ from qing.evaluate.report import write_report
 from qing.evaluate.thresholds import choose_thresholds, threshold_method_name
 from qing.meta import set_meta
 
-__all__ = ["SUMMARY_METRICS", "Evaluation", "evaluate_logits"]
+__all__ = ["SUMMARY_METRICS", "SUMMARY_PER_LABEL", "Evaluation", "evaluate_logits"]
 
 #: The scores of :attr:`Evaluation.summary` (as ``test_<name>``, with ``test_<name>_ci`` where there is an
 #: interval), when defined.
