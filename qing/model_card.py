@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from qing._format import format_value
 
-__all__ = ["BASE_TAGS", "generate_model_card"]
+__all__ = ["BASE_TAGS", "generate_model_card", "model_card_summary"]
 
 BASE_TAGS = ("timm", "image-classification", "chest-x-ray", "medical-imaging", "qing")
 """Hub tags on every card; ``tags=`` adds to them."""
@@ -117,12 +117,8 @@ def generate_model_card(
         ``README.md`` text: YAML header, then usage, labels and thresholds, preprocessing,
         evaluation, intended use and limitations, model details.
     """
-    qing = dict(config.get("qing") or {})
-    pretrained_cfg = dict(config.get("pretrained_cfg") or {})
+    qing, pretrained_cfg, num_classes, label_names, task = _facts(config)
     architecture = config["architecture"]
-    num_classes = int(config.get("num_classes", pretrained_cfg.get("num_classes", 0)))
-    label_names = list(config.get("label_names") or pretrained_cfg.get("label_names") or [])
-    task = qing.get("task") or ("binary" if num_classes == 1 else None)
     metrics = dict(qing.get("metrics") or {})
     all_datasets = list(dict.fromkeys([*(qing.get("datasets") or []), *(datasets or [])]))
     name = title or model_id.split(":", 1)[-1].rstrip("/").split("/")[-1].split("@")[0]
@@ -138,9 +134,10 @@ def generate_model_card(
                 task_name="Chest X-ray classification",
                 dataset_type=all_datasets[0],
                 dataset_name=all_datasets[0],
+                dataset_split="test" if key.startswith("test_") else None,  # the Trainer's test-split metrics
                 metric_type=key,
                 metric_value=value,
-                metric_name=_PRETTY.get(key, key),
+                metric_name=_PRETTY.get(key.removeprefix("test_"), key),
             )
             for key, value in headline
         ]
@@ -158,10 +155,7 @@ def generate_model_card(
 
     parts = [f"---\n{card_data.to_yaml()}\n---\n", f"# {name}\n"]
     parts.append((description or _default_description(architecture, task, num_classes, label_names)).strip() + "\n")
-    parts.append(
-        "> **Not a medical device.** These weights are for research and education. They are not cleared or "
-        "approved by any regulator and must not be used to diagnose, treat or triage patients.\n"
-    )
+    parts.append(_NOT_A_MEDICAL_DEVICE)
     calibrated = bool(qing.get("temperatures")) and task != "multiclass"
     parts.append(_usage(model_id, task, pretrained_cfg, bool(label_names), calibrated))
     parts.append(_labels_section(label_names, num_classes, task, qing))
@@ -172,6 +166,50 @@ def generate_model_card(
     if citation:
         parts.append(f"## Citation\n\n```bibtex\n{citation.strip()}\n```\n")
     return "\n".join(parts)
+
+
+def model_card_summary(config: Mapping[str, Any]) -> str:
+    """The parts of the model card that a person running the model needs, as Markdown.
+
+    What ``qing app`` shows beside its predictions: the "not a medical device" note, labels and decision
+    thresholds, preprocessing, the recorded evaluation, intended use and limitations; the same text as
+    [generate_model_card][qing.model_card.generate_model_card], without the YAML header, usage code and
+    model details.
+
+    Args:
+        config: The model's ``config.json`` content (timm layout plus qing's ``"qing"`` metadata).
+
+    Returns:
+        Markdown with one ``##`` section per topic, after the note.
+    """
+    qing, pretrained_cfg, num_classes, label_names, task = _facts(config)
+    metrics = dict(qing.get("metrics") or {})
+    datasets = list(qing.get("datasets") or [])
+    return "\n".join(
+        [
+            _NOT_A_MEDICAL_DEVICE,
+            _labels_section(label_names, num_classes, task, qing),
+            _preprocessing(pretrained_cfg),
+            _evaluation(_summary_metrics(metrics), metrics, datasets),
+            _limitations(task, qing, None),
+        ]
+    )
+
+
+_NOT_A_MEDICAL_DEVICE = (
+    "> **Not a medical device.** These weights are for research and education. They are not cleared or "
+    "approved by any regulator and must not be used to diagnose, treat or triage patients.\n"
+)
+
+
+def _facts(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int, list[str], Optional[str]]:
+    """``(qing metadata, pretrained cfg, num_classes, label names, task)`` of a ``config.json``."""
+    qing = dict(config.get("qing") or {})
+    pretrained_cfg = dict(config.get("pretrained_cfg") or {})
+    num_classes = int(config.get("num_classes", pretrained_cfg.get("num_classes", 0)))
+    label_names = list(config.get("label_names") or pretrained_cfg.get("label_names") or [])
+    task = qing.get("task") or ("binary" if num_classes == 1 else None)
+    return qing, pretrained_cfg, num_classes, label_names, task
 
 
 def _default_description(architecture: str, task: Optional[str], num_classes: int, label_names: list[str]) -> str:

@@ -1,6 +1,7 @@
 """A Hugging Face Hub on 127.0.0.1 for tests: the real ``huggingface_hub`` client talks to it over HTTP.
 
-It serves what huggingface_hub 2.x calls for ``create_repo``, ``create_branch``, ``upload_folder``
+It serves model repos and Spaces (``repo_type="space"``, kept under ``spaces/owner/name``), with what
+huggingface_hub 2.x calls for ``create_repo``, ``create_branch``, ``upload_folder``
 (``preupload`` then an NDJSON ``commit``), ``model_info``/``repo_info``, ``list_repo_tree``/``list_repo_files``,
 ``list_repo_refs``, ``list_repo_commits``, ``file_exists``, the model card check of ``/api/validate-yaml``
 and ``hf_hub_download`` (``HEAD`` and ``GET``
@@ -62,11 +63,12 @@ class Commit:
 
 @dataclass
 class Repo:
-    """A model repo: all commits by sha, and branch heads."""
+    """A model or Space repo: all commits by sha, and branch heads (a Space's ``repo_id`` starts with ``spaces/``)."""
 
     repo_id: str
     private: bool
     created: str
+    sdk: Optional[str] = None  #: a Space's SDK (gradio, docker, static)
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
 
@@ -244,6 +246,8 @@ class _Handler(BaseHTTPRequestHandler):
             if len(parts) >= 4 and parts[:2] == ["api", "models"]:
                 repo_id, rest = f"{parts[2]}/{parts[3]}", parts[4:]
                 return self._model_api(method, repo_id, rest, query)
+            if len(parts) >= 4 and parts[:2] == ["api", "spaces"]:  # Spaces: the same store, keys "spaces/..."
+                return self._model_api(method, f"spaces/{parts[2]}/{parts[3]}", parts[4:], query)
             if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
                 return self._resolve(method, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
         raise HubError(501, f"the loopback test Hub does not implement {method} /{'/'.join(parts)}")
@@ -252,14 +256,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_token()
         state = self.server.state
         payload = json.loads(self._body() or b"{}")
-        if payload.get("type") not in (None, "model"):
-            raise HubError(400, f"the loopback test Hub only hosts model repos, not {payload['type']!r}")
+        kind = payload.get("type") or "model"
+        if kind not in ("model", "space"):
+            raise HubError(400, f"the loopback test Hub hosts model and Space repos, not {kind!r}")
+        if kind == "space" and payload.get("sdk") not in ("gradio", "docker", "static"):
+            raise HubError(400, f"a Space needs sdk gradio, docker or static, got {payload.get('sdk')!r}")
         name, namespace = payload["name"], payload.get("organization") or USER
-        repo_id = f"{namespace}/{name}"
+        repo_id = f"{namespace}/{name}" if kind == "model" else f"spaces/{namespace}/{name}"
         url = f"{self.server.endpoint}/{repo_id}"
         if repo_id in state.repos:
-            raise HubError(409, "You already created this model repo", url=url)
-        repo = Repo(repo_id=repo_id, private=payload.get("visibility") == "private", created=state.now())
+            raise HubError(409, f"You already created this {kind} repo", url=url)
+        private = payload.get("visibility") == "private"
+        repo = Repo(repo_id=repo_id, private=private, created=state.now(), sdk=payload.get("sdk"))
         state.repos[repo_id] = repo
         state.add_commit(
             repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit"

@@ -5,15 +5,17 @@ Run as a script to look at them: ``python tests/make_fake_data.py /tmp/fake``.
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
 from qing.data import make_synthetic_cxr, synthetic_cxr_image
+from tests.lossless_jpeg import encode_jpeg_lossless
 
 
 def write_png(path: Path, *, size: int = 48, seed: int = 0, mode: str = "L") -> Path:
@@ -66,22 +68,35 @@ def write_dicom(
     window: Optional[tuple[float, float]] = None,
     voi_lut: Optional[tuple[Sequence[int], Sequence[int]]] = None,
     rescale: Optional[tuple[float, float]] = None,
+    presentation_lut_shape: Optional[str] = None,
+    transfer_syntax: Optional[str] = None,
+    jpeg_predictor: int = 1,
+    **compress_kwargs: Any,
 ) -> Path:
     """A real single-frame grayscale DICOM file written with pydicom.
 
     Args:
-        pixels: ``(H, W)`` unsigned integers within ``bits_stored`` bits.
+        pixels: ``(H, W)`` unsigned integers within ``bits_stored`` bits (8 bits or fewer are stored in
+            8-bit samples, more in 16-bit ones).
         window: ``(center, width)``.
         voi_lut: ``(descriptor, data)`` of a VOI LUT Sequence item.
         rescale: ``(slope, intercept)``.
+        presentation_lut_shape: ``"IDENTITY"`` or ``"INVERSE"`` (Presentation LUT Shape, 2050,0020).
+        transfer_syntax: UID to write in (default Explicit VR Little Endian). Implicit and deflated
+            are written by pydicom; JPEG Lossless (``.57``/``.70``) by ``tests.lossless_jpeg``; JPEG
+            Baseline by Pillow (8-bit pixels); RLE, JPEG-LS and JPEG 2000 by ``Dataset.compress``
+            (``compress_kwargs`` go there, e.g. ``jls_error=2``).
+        jpeg_predictor: Selection value for JPEG Lossless ``.57``.
     """
+    from pydicom import uid
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.encaps import encapsulate
 
+    transfer_syntax = uid.UID(transfer_syntax or uid.ExplicitVRLittleEndian)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = uid.SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
@@ -90,20 +105,39 @@ def write_dicom(
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
+    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
+    ds.PixelData = pixels.astype("u1" if bits_stored <= 8 else "<u2").tobytes()
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     if rescale is not None:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if presentation_lut_shape is not None:
+        ds.PresentationLUTShape = presentation_lut_shape
     if voi_lut is not None:
         item = Dataset()
         item.add_new(0x00283002, "US", list(voi_lut[0]))  # LUTDescriptor (VR ambiguous: US/SS)
         item.add_new(0x00283006, "US", list(voi_lut[1]))  # LUTData (VR ambiguous: US/OW)
         ds.VOILUTSequence = [item]
+
+    if transfer_syntax in (uid.JPEGLossless, uid.JPEGLosslessSV1, uid.JPEGBaseline8Bit):
+        if transfer_syntax == uid.JPEGBaseline8Bit:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8), mode="L").save(buffer, format="JPEG", quality=95)
+            frame = buffer.getvalue()
+        else:
+            predictor = 1 if transfer_syntax == uid.JPEGLosslessSV1 else jpeg_predictor
+            frame = encode_jpeg_lossless(pixels, precision=bits_stored, predictor=predictor)
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    elif transfer_syntax.is_compressed:
+        ds.compress(transfer_syntax, **compress_kwargs)
+    else:  # implicit, explicit, deflated: pydicom encodes the data set as the file meta says
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -213,9 +213,9 @@ def _check_predict(work: Path) -> None:
     heatmaps = [work / r["heatmap"] for r in rows if not r["error"]]
     assert [h.name for h in heatmaps[:2]] == [f"{p.name.split('.')[0]}.png" for p in normal]
     assert heatmaps[-1] == work / "hm" / "scan.png"
-    for heatmap in heatmaps:
+    for source, heatmap in zip(good, heatmaps):  # at the input image's size, not the model's 64 x 64
         with Image.open(heatmap) as image:
-            assert (image.mode, image.size) == ("RGB", (64, 64))
+            assert (image.mode, image.size) == ("RGB", load_image(source).size)
     assert sorted(p.name for p in (work / "hm").iterdir()) == sorted(h.name for h in heatmaps)
 
     assert "qing: skipped missing.png: no such file or folder" in result.stderr

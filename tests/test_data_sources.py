@@ -318,7 +318,103 @@ def test_find_images_recursive_sorted_without_hidden_or_other_files(tmp_path):
     for rel in ["b/2.png", "b/1.JPG", "a.dcm", "a/c/3.jpeg", ".hidden/4.png", "b/.5.png", "notes.txt", "b/6.csv"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    (tmp_path / "linked").symlink_to(tmp_path / "a", target_is_directory=True)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "d").mkdir(parents=True, exist_ok=True)
+    (outside / "d" / "7.png").write_bytes(b"")
+    (tmp_path / "linked").symlink_to(tmp_path / "a", target_is_directory=True)  # a is walked already: once only
+    (tmp_path / "more").symlink_to(outside, target_is_directory=True)  # a folder elsewhere: followed
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
-    assert found == ["a.dcm", "a/c/3.jpeg", "b/1.JPG", "b/2.png", "linked/c/3.jpeg"]
+    assert found == ["a.dcm", "a/c/3.jpeg", "b/1.JPG", "b/2.png", "more/d/7.png"]
     assert find_images(tmp_path / "missing") == []
+
+
+# ---- data options a new user reaches for (issue 13 item 7) ----------------------------------------------
+
+
+def _nih_native_csv(nih_64, path, rows):
+    """The shared NIH labels as NIH publishes them (Data_Entry_2017.csv's column names)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "View Position"])
+        for r in rows:
+            writer.writerow([r["path"], r["finding_labels"], "0", r["patient"], r["view"]])
+
+
+def test_nih_finding_labels_column_is_a_multilabel_source(tmp_path, nih_64):
+    with open(nih_64 / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"No Finding", "Atelectasis|Effusion"} <= {r["finding_labels"] for r in rows}
+    native = tmp_path / "Data_Entry_2017.csv"
+    _nih_native_csv(nih_64, native, rows)
+    cfg = DataConfig(
+        labels_csv=str(native),
+        image_dir=str(nih_64),
+        path_column="Image Index",
+        label_column="Finding Labels",  # detected as |-separated findings by its name and values
+        patient_column="Patient ID",
+        test_fraction=0.2,
+    )
+    splits = load_splits(cfg)
+    assert splits.task == "multilabel" and splits.label_names == list(qing.weights.CXR14_LABELS)
+    by_path = {str(nih_64 / r["path"]): tuple(int(r[n]) for n in splits.label_names) for r in rows}
+    samples = splits.train + splits.val + splits.test
+    assert len(samples) == len(rows)
+    assert all(s.target == by_path[str(s.path)] for s in samples)  # equal to the 0/1 columns, No Finding = zeros
+    assert sum(1 for s in samples if not any(s.target)) == sum(r["finding_labels"] == "No Finding" for r in rows)
+
+
+def test_separated_findings_with_an_explicit_separator_and_label_names(tmp_path):
+    for name in ("a", "b", "c"):
+        write_png(tmp_path / f"{name}.png")
+    (tmp_path / "labels.csv").write_text("path,findings\na.png,Mass;Nodule\nb.png,Normal\nc.png,Nodule\n")
+    rows, names = qing.data.read_label_csv(
+        tmp_path / "labels.csv", label_column="findings", label_separator=";", label_names=["Nodule", "Mass", "Edema"]
+    )
+    assert names == ["Nodule", "Mass", "Edema"] and [r.labels for r in rows] == [(1, 1, 0), (0, 0, 0), (1, 0, 0)]
+    (tmp_path / "bad.csv").write_text("path,findings\na.png,No Finding|Mass\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:2: 'No Finding' together with findings in 'No Finding\|Mass'"):
+        qing.data.read_label_csv(tmp_path / "bad.csv", label_column="findings")
+
+
+def test_patient_regex_accepts_the_names_the_help_gives(tmp_path):
+    assert DataConfig(root="x", patient_regex="PATIENT_REGEX_NIH").patient_regex == PATIENT_REGEX_NIH
+    assert DataConfig(root="x", patient_regex="kermany").patient_regex == PATIENT_REGEX_KERMANY
+    assert DataConfig(root="x", patient_regex="Synthetic").patient_regex == PATIENT_REGEX_SYNTHETIC
+    assert DataConfig(root="x", patient_regex=r"^(\w+)-").patient_regex == r"^(\w+)-"
+    with pytest.raises(ValueError, match=r"patient_regex '\(oops' is not a regular expression .* PATIENT_REGEX_NIH"):
+        DataConfig(root="x", patient_regex="(oops")
+
+    make_synthetic_cxr(tmp_path / "data", train_patients_per_class=4, test_patients_per_class=2, size=32)
+    splits = load_splits(DataConfig(root=str(tmp_path / "data"), patient_regex="synthetic"))
+    assert len(_patients(splits.train + splits.val)) == 8 and not patient_overlap(splits.train, splits.val)
+
+    from qing.cli import build_parser  # the flag's help is generated from the DataConfig docstring
+
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "or the name of a known one: nih (00000005_001.png -> 00000005), kermany" in help_text
+
+
+def test_root_that_is_a_file_says_which_field_to_use(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    with pytest.raises(ValueError) as error:
+        load_splits(DataConfig(root=str(tmp_path / "labels.csv")))
+    assert str(error.value) == (
+        f"root is a file, not a folder of class folders: {tmp_path / 'labels.csv'}; "
+        f"use labels_csv={str(tmp_path / 'labels.csv')!r}"
+    )
+
+
+@pytest.mark.parametrize(("crop_mode", "crop_pct"), [("squash", 1.0), ("center", 0.875), ("border", 1.0)])
+def test_source_box_inverts_the_eval_transform(crop_mode, crop_pct):
+    """A bright square lands where ``source_box`` says, within a pixel, for each of timm's crop modes."""
+    cfg = {"input_size": (3, 64, 64), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_mode": crop_mode}
+    transform = build_transforms({**cfg, "crop_pct": crop_pct, "interpolation": "bilinear"}, train=False)
+    width, height = 300, 200
+    left, top, right, bottom = transform.source_box(width, height)
+    for x, y in [(150, 100), (120, 60), (200, 150)]:
+        pixels = np.zeros((height, width), dtype=np.uint8)
+        pixels[y - 10 : y + 10, x - 10 : x + 10] = 255
+        out = np.asarray(transform.prepare(Image.fromarray(pixels).convert("RGB")))[..., 0]
+        rows, cols = np.nonzero(out > 200)
+        assert abs(cols.mean() + 0.5 - (x - left) / (right - left) * 64) <= 1.0
+        assert abs(rows.mean() + 0.5 - (y - top) / (bottom - top) * 64) <= 1.0

@@ -342,6 +342,13 @@ def test_site_loads_nothing_from_other_hosts(site: Path) -> None:
     assert offending == []
 
 
+def test_site_publishes_no_build_code(site: Path) -> None:
+    """The build hooks (docs/hooks/*.py) run while the site is built; they are not copied into it."""
+    assert sorted(p.name for p in (DOCS / "hooks").glob("*.py"))  # the hooks are there to be left out
+    assert sorted(str(p.relative_to(site)) for p in site.rglob("*.py")) == []
+    assert not (site / "hooks").exists()
+
+
 def _public_modules() -> list[str]:
     """Public modules of qing, found by importing the package tree (independently of the docs hook)."""
     names = ["qing"]

@@ -111,6 +111,19 @@ def test_save_pretrained_writes_timm_folder_and_loads_back(tmp_path):
     assert from_pretrained(folder).qing_meta == model.qing_meta  # a Path means a local folder
 
 
+def test_model_index_says_test_metrics_are_test_split_metrics(tmp_path):
+    """The Trainer stores test-split metrics as ``test_*``: the card's model-index carries ``split: test``."""
+    model = _binary_model()
+    set_meta(model, metrics={"test_roc_auc": 0.9125, "test_accuracy": 0.8, "n_test": 40, "val_loss": 0.4})
+    header = _card_header((save_pretrained(model, tmp_path / "m", label_names=["Pneumonia"]) / "README.md").read_text())
+    results = header["model-index"][0]["results"]
+    by_metric = {m["type"]: (r["dataset"], m["name"]) for r in results for m in r["metrics"]}
+    dataset = {"name": "cxr-pneumonia-200", "type": "cxr-pneumonia-200"}
+    assert by_metric["test_roc_auc"] == ({**dataset, "split": "test"}, "ROC AUC")
+    assert by_metric["test_accuracy"] == ({**dataset, "split": "test"}, "Accuracy")
+    assert by_metric["val_loss"] == (dataset, "val_loss")  # not a test-split metric: no split claimed
+
+
 def test_model_card_text(tmp_path):
     model = _binary_model()
     card = (save_pretrained(model, tmp_path / "m", label_names=["Pneumonia"], repo_id=REPO) / "README.md").read_text()

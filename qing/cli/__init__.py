@@ -14,8 +14,9 @@ Commands:
 - ``qing compare A B DATA``: two models (or prediction CSVs) on the same images: DeLong, bootstrap, McNemar;
 - ``qing predict MODEL INPUT...``: probabilities, decisions and Grad-CAM or attention heatmaps for image files;
 - ``qing explain MODEL IMAGE``: Grad-CAM for chosen labels, or attention per block and head, in one figure;
+- ``qing app [MODEL...]``: a local web page (Gradio) to run a model on dropped images, or a Hugging Face Space;
 - ``qing convert SRC DST``: CheXNet / original hybrid / torchxrayvision checkpoints to a qing model folder;
-- ``qing push DIR REPO_ID`` and ``qing pull REPO_ID DIR``: the Hugging Face Hub round trip.
+- ``qing push DIR REPO_ID`` and ``qing pull REPO_ID DIR``: the Hugging Face Hub round trip (and Spaces).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Optional
 
-from qing.cli import _compare, _convert, _demo, _eval, _explain, _hub, _models, _predict, _train
+from qing.cli import _app, _compare, _convert, _demo, _eval, _explain, _hub, _models, _predict, _train
 from qing.cli._common import CLIError, HelpFormatter
 from qing.version import __version__
 
@@ -42,6 +43,7 @@ start here:
   qing eval runs/pneumonia TEST_DATA          report on labelled images
   qing compare runs/a runs/b TEST_DATA        is model a better than model b on the same images?
   qing predict runs/pneumonia scans/ -o predictions.csv --heatmaps heatmaps/
+  qing app runs/pneumonia                     a web page: drop X-rays, see predictions
 
 qing is a research tool, not a medical device.
 """
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what qing does (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
-    for module in (_demo, _models, _train, _eval, _compare, _predict, _explain, _convert, _hub):
+    for module in (_demo, _models, _train, _eval, _compare, _predict, _explain, _app, _convert, _hub):
         module.register(sub)
     return parser
 

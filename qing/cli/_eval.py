@@ -30,6 +30,8 @@ from qing.cli._common import (
 )
 from qing.cli._inference import inference_loader
 from qing.data import (
+    NEGATIVE_CLASS_NAMES,
+    NIH_FINDINGS_COLUMN,
     BadFileLog,
     BadImage,
     CXRDataset,
@@ -48,19 +50,18 @@ examples:
   qing eval runs/pneumonia manifest.csv --label-column label --output reports/pneumonia
   qing eval runs/nih nih/labels.csv --split-column repo_split --split test   # 0/1 columns named like the outputs
   qing eval qing_chexnet_densenet121.chexnet test_list.txt --image-dir images/
-
   qing eval runs/pneumonia data/chest_xray --tta --no-calibration
 
-DATA is a folder of class folders, a CSV (a class-name column, or one 0/1 column per model output)
-or a ChestX-ray14 list file (image name, then one 0/1 per output). Class names must match the model's
-labels (a binary model: its positive class and one other). Probabilities are calibrated with the
-model's stored temperatures (--no-calibration: plain sigmoid/softmax); decisions use the model's stored
-thresholds, else 0.5. The output folder gets report.html/report.md (what every number means: the
-"Reading the report" guide), metrics.json, figures and predictions.csv (the input of qing compare).
+DATA is a folder of class folders, a CSV (a class-name column, one 0/1 column per model output, or
+NIH's "Finding Labels" column of |-separated findings, "No Finding" = none) or a ChestX-ray14 list
+file (image name, then one 0/1 per output). Class names must match the model's labels (a binary
+model: its positive class and one other). Probabilities are calibrated with the model's stored
+temperatures (--no-calibration: plain sigmoid/softmax); decisions use the model's stored thresholds,
+else 0.5. The output folder gets report.html/report.md (what every number means: the "Reading the
+report" guide), metrics.json, figures and predictions.csv (the input of qing compare).
 """
 
 _SPLITS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
-_NEGATIVE_NAMES = ("normal", "no finding", "no_finding", "negative", "healthy")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -151,7 +152,7 @@ def _class_targets(
             )
         positive = _match(labels[0], classes)
         if positive is None and labels[0] == "output_0" and len(classes) == 2:
-            negatives = [c for c in classes if c.lower() in _NEGATIVE_NAMES]
+            negatives = [c for c in classes if c.lower() in NEGATIVE_CLASS_NAMES]
             positive = next(c for c in classes if c not in negatives[:1]) if negatives else classes[1]
         if positive is None:
             raise CLIError(
@@ -191,12 +192,14 @@ def read_samples(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[An
 
 def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any], Optional[str], str]:
     data: Path = args.data
-    with open(data, newline="") as f:
-        header = next(csv.reader(f), [])
+    with open(data, newline="", encoding="utf-8-sig") as f:
+        header = [name.strip() for name in next(csv.reader(f), [])]
     label_column, label_columns = args.label_column, None
     if label_column is None:
         if loaded.task != "multiclass" and all(name in header for name in loaded.labels):
             label_columns = list(loaded.labels)
+        elif loaded.task == "multilabel" and NIH_FINDINGS_COLUMN in header:
+            label_column = NIH_FINDINGS_COLUMN
         elif "label" in header:
             label_column = "label"
         else:
@@ -207,7 +210,7 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
             )
     if args.split is not None and args.split_column is None:
         raise CLIError("--split needs --split-column for a CSV (the column holding train/val/test)")
-    rows, _ = read_label_csv(
+    rows, names = read_label_csv(
         data,
         image_dir=args.image_dir,
         path_column=args.path_column,
@@ -223,6 +226,14 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
     source = f"{data}" + (f" ({args.split_column} = {args.split or 'test'})" if args.split_column else "")
     if label_columns is not None:
         targets: list[Any] = [r.labels[0] if loaded.task == "binary" else r.labels for r in rows]
+        negative = None
+    elif rows and isinstance(rows[0].labels, tuple):  # separated findings ("Effusion|Mass"): by the model's names
+        if loaded.task != "multilabel":
+            raise CLIError(
+                f"{label_column!r} of {data} holds several findings per image; {loaded.name} is {loaded.task}"
+            )
+        where = {name: i for i, name in enumerate(names)}
+        targets = [tuple(r.labels[where[n]] if n in where else 0 for n in loaded.labels) for r in rows]
         negative = None
     else:
         classes = sorted({r.labels for r in rows})

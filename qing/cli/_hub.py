@@ -15,6 +15,7 @@ from huggingface_hub import constants
 
 from qing._factory import from_pretrained
 from qing.cli._common import CLIError, HelpFormatter, add_common_flags, check_new_folder, load_model, short_path
+from qing.cli._space import push_space
 from qing.hub import push_to_hub, save_pretrained
 
 PUSH_EPILOG = """\
@@ -23,10 +24,12 @@ examples:
   qing push chexnet-qing me/chexnet --private --message "CheXNet, converted"
   qing push runs/pneumonia me/cxr-pneumonia --revision experiment-2
   HF_ENDPOINT=https://hub.example.org qing push runs/pneumonia team/cxr
+  qing push space/ me/cxr-pneumonia-demo --repo-type space  # a folder from qing app --export-space
 
 The repo gets model.safetensors, config.json (preprocessing, labels, thresholds, metrics) and a model
 card. The token comes from --token, HF_TOKEN or `hf auth login`. Pushing needs the network:
 HF_HUB_OFFLINE=1 is refused. Load the result with qing predict hf-hub:REPO_ID or qing pull.
+With --repo-type space, DIR is a Space folder and is uploaded as it is (the Space is created if needed).
 """
 
 PULL_EPILOG = """\
@@ -52,7 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created from main if needed)")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the saved login)")
-    push.add_argument("--message", default="Upload model with qing", metavar="TEXT", help="commit message")
+    push.add_argument("--message", metavar="TEXT", help="commit message (default: Upload model/Space with qing)")
+    push.add_argument(
+        "--repo-type",
+        choices=("model", "space"),
+        default="model",
+        help="model: push a model folder; space: upload a Space folder from qing app --export-space",
+    )
     add_common_flags(push)
     push.set_defaults(func=run_push)
 
@@ -75,10 +84,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_push(args: argparse.Namespace) -> int:
     if constants.HF_HUB_OFFLINE:
         raise CLIError("pushing needs the network but HF_HUB_OFFLINE is set; unset it (or set HF_HUB_OFFLINE=0)")
+    if args.repo_type == "space":
+        return _push_space(args)
     loaded = load_model(args.dir, device=torch.device("cpu"))
     commit = push_to_hub(
         loaded.model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
-        commit_message=args.message,
+        commit_message=args.message or "Upload model with qing",
     )  # fmt: skip
     repo_id = _repo_from_url(str(commit), args.repo_id)
     oid = getattr(commit, "oid", None)
@@ -86,6 +97,24 @@ def run_push(args: argparse.Namespace) -> int:
     print(f"commit: {commit}" + (f" ({oid})" if oid else ""))
     pinned = f"hf-hub:{repo_id}@{oid}" if oid else f"hf-hub:{repo_id}"
     print(f"next: qing predict {pinned} IMAGE.png   |   qing pull {repo_id} DIR")
+    return 0
+
+
+def _push_space(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is not a folder; --repo-type space uploads a Space folder (qing app --export-space)")
+    repo_id, commit = push_space(
+        folder,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private,
+        token=args.token,
+        commit_message=args.message or "Upload Space with qing",
+    )
+    print(f"pushed the Space {short_path(folder)} to {repo_id} on {constants.ENDPOINT}")
+    print(f"commit: {commit}")
+    print(f"the Space: {constants.ENDPOINT}/spaces/{repo_id} (it builds and starts there in a few minutes)")
     return 0
 
 

@@ -1,40 +1,58 @@
-"""Image files for ``qing predict`` and ``qing eval``: INPUT arguments expanded to files, and the batches
-the model runs on (the loop itself is :func:`qing.evaluate.iter_logits`)."""
+"""Image files for ``qing predict``, ``qing eval`` and ``qing app``: INPUT arguments expanded to files, the
+batches the model runs on (the loop itself is :func:`qing.evaluate.iter_logits`), and the one "predict these
+files" path that ``qing predict`` and ``qing app`` share, so both give the same numbers."""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qing.data import collate_skip_bad, find_images, is_image_file
+from qing.cli._common import LoadedModel
+from qing.data import (
+    BadImage,
+    ImageFiles,
+    ImageTransform,
+    build_transforms,
+    collate_skip_bad,
+    is_dicom,
+    is_image_file,
+    scan_folder,
+)
+from qing.evaluate import TTAModel, iter_logits
 
 _GLOB_CHARS = ("*", "?", "[")
 
 
 @dataclass
 class Inputs:
-    """Image files found from INPUT arguments, and the arguments that gave none.
+    """Image files found from INPUT arguments, the arguments that gave none, and the files not read.
 
     Attributes:
         files: Image files in argument order (folders walked recursively, sorted), each once.
         missing: ``(argument, reason)`` for arguments naming nothing readable.
+        not_images: Files in the folders (or glob matches) that are not images and were not read.
     """
 
     files: list[Path] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
+    not_images: list[Path] = field(default_factory=list)
 
 
 def expand_inputs(arguments: Sequence[str]) -> Inputs:
-    """Files, folders (recursive, image endings only) and glob patterns -> image files.
+    """Files, folders (recursive) and glob patterns -> image files.
 
-    A file named explicitly is kept whatever its ending (a DICOM file may have none); an argument
-    that is neither a file, a folder nor a matching pattern is recorded in ``missing``.
+    In folders and glob matches a file is an image by its ending or, whatever its name, by the DICOM
+    ``DICM`` preamble (PACS exports often have no ``.dcm``); the other files are listed in
+    ``not_images``. A file named explicitly is kept whatever it is (its read then says what is wrong);
+    an argument that is neither a file, a folder nor a matching pattern is recorded in ``missing``.
     """
     inputs, seen = Inputs(), set()
 
@@ -44,25 +62,33 @@ def expand_inputs(arguments: Sequence[str]) -> Inputs:
             seen.add(key)
             inputs.files.append(path)
 
+    def add_folder(folder: Path) -> int:
+        scan = scan_folder(folder)
+        for image in scan.images:
+            add(image)
+        inputs.not_images.extend(p for p in scan.not_images if p not in inputs.not_images)
+        return len(scan.images)
+
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_file():
             add(path)
         elif path.is_dir():
-            images = find_images(path)
-            if not images:
-                inputs.missing.append((argument, "folder holds no image files (.png, .jpg, .dcm, ...)"))
-            for image in images:
-                add(image)
+            if not add_folder(path):
+                inputs.missing.append((argument, "folder holds no image files (.png, .jpg, .dcm, DICOM, ...)"))
         elif any(c in argument for c in _GLOB_CHARS):
             matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(argument), recursive=True))]
-            images = [m for m in matches if m.is_file() and is_image_file(m)]
-            for folder in (m for m in matches if m.is_dir()):
-                images += find_images(folder)
-            if not images:
+            found = 0
+            for match in matches:
+                if match.is_dir():
+                    found += add_folder(match)
+                elif is_image_file(match) or is_dicom(match):
+                    add(match)
+                    found += 1
+                elif match.is_file() and match not in inputs.not_images:
+                    inputs.not_images.append(match)
+            if not found:
                 inputs.missing.append((argument, "no image files match this pattern"))
-            for image in images:
-                add(image)
         else:
             inputs.missing.append((argument, "no such file or folder"))
     return inputs
@@ -85,3 +111,57 @@ def inference_loader(dataset: Dataset, *, device: torch.device, batch_size: int,
         collate_fn=collate_skip_bad,
         pin_memory=device.type == "cuda",
     )
+
+
+@dataclass
+class PredictedBatch:
+    """One batch of :func:`iter_predictions`.
+
+    Attributes:
+        indices: Positions in the file list of the readable images, ``B`` of them.
+        images: Their inputs as the model saw them (after preprocessing), on its device, ``(B, C, H, W)``.
+        probabilities: ``(B, num_outputs)`` float probabilities (sigmoid, or softmax for multiclass).
+        bad: The batch's unreadable files, with the reason.
+    """
+
+    indices: list[int]
+    images: torch.Tensor
+    probabilities: np.ndarray
+    bad: list[BadImage] = field(default_factory=list)
+
+
+def iter_predictions(
+    loaded: LoadedModel,
+    files: Sequence[Path],
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: Optional[bool] = False,
+    transform: Optional[ImageTransform] = None,
+    tta: bool = False,
+) -> Iterator[PredictedBatch]:
+    """Probabilities for image files, batch by batch: what ``qing predict`` and ``qing app`` run.
+
+    Args:
+        loaded: The model (from :func:`qing.cli._common.load_model`), on ``device``.
+        files: Image files (PNG, JPEG, DICOM, ...); unreadable ones come back in :attr:`PredictedBatch.bad`.
+        device: Where the model runs.
+        batch_size: Images per forward pass.
+        num_workers: Image-reading worker processes.
+        progress: Progress bar on stderr (``None``: only on a terminal).
+        transform: The evaluation transform (default: ``build_transforms(loaded.model, train=False)``).
+        tta: Average the probabilities over test-time views (:class:`qing.evaluate.TTAModel`).
+
+    The probabilities are calibrated with ``loaded.temperatures`` (:meth:`LoadedModel.probabilities`).
+    """
+    transform = transform or build_transforms(loaded.model, train=False)
+    dataset = ImageFiles(files, transform)
+    loader = inference_loader(dataset, device=device, batch_size=batch_size, num_workers=num_workers)
+    model = TTAModel(loaded.model, task=loaded.task).eval() if tta else loaded.model
+    for batch in iter_logits(model, loader, device=device, progress=progress, desc="predict"):
+        if batch.indices:
+            probs = loaded.probabilities(batch.logits.numpy())
+        else:
+            probs = np.zeros((0, len(loaded.labels)))
+        yield PredictedBatch(batch.indices, batch.images, probs, batch.bad)

@@ -29,10 +29,9 @@ from qing.cli._common import (
     load_model,
     resolve_device,
 )
-from qing.cli._inference import expand_inputs, inference_loader
-from qing.data import ImageFiles, build_transforms
-from qing.evaluate import TTAModel, iter_logits
-from qing.explain import denormalize, heatmaps, overlay
+from qing.cli._inference import expand_inputs, iter_predictions
+from qing.data import ImageLoadError, ImageTransform, build_transforms, load_image
+from qing.explain import heatmaps, overlay
 
 EPILOG = """\
 examples:
@@ -47,9 +46,16 @@ MODEL is a model folder (a run folder means its checkpoints/best), hf-hub:owner/
 local-dir:PATH, a registered architecture.tag with weights, or a checkpoint file (converted on the fly).
 Probabilities are calibrated with the model's stored temperatures (--no-calibration: plain
 sigmoid/softmax). The decision uses the thresholds stored with the model (chosen on validation data by
-qing train, after calibration), else 0.5; a multiclass model predicts the most probable class.
-Unreadable files are reported and skipped; the exit code is then 1, and the other images are still written.
+qing train, after calibration), else 0.5; a multiclass model predicts the most probable class. In folders,
+DICOM files are found by their DICM preamble whatever their name; other files are listed as not read.
+Unreadable images are reported and skipped; the exit code is then 1, and the other images are still
+written. --heatmaps overlays have the input image's size.
 """
+
+
+_NOT_AN_IMAGE = "not an image file (no image ending such as .png/.jpg/.dcm, no DICOM preamble)"
+_NOT_IMAGES_SHOWN = 20
+_NO_CUT = 10**6  # table cells are never cut: label names and paths must stay whole
 
 
 @dataclass
@@ -120,18 +126,47 @@ def _output_format(args: argparse.Namespace) -> str:
 
 
 def _heatmap_names(paths: list[Path], folder: Path) -> list[Path]:
-    """``<stem>.png`` per input, ``<stem>-2.png``, ... where stems repeat."""
-    used: dict[str, int] = {}
+    """One distinct ``<stem>.png`` per input: ``<stem>-2.png``, ``-3``, ... where a name is taken already.
+
+    Names are compared without case (macOS and Windows folders), so ``y/a.png``, ``z/a.png`` and
+    ``z/a-2.png`` give ``a.png``, ``a-2.png`` and ``a-2-2.png``; the CSV/JSON output maps each input to its file.
+    """
+    used: set[str] = set()
     names = []
     for path in paths:
-        stem = path.name.split(".")[0] or path.name
-        count = used.get(stem, 0) + 1
-        used[stem] = count
-        names.append(folder / (f"{stem}.png" if count == 1 else f"{stem}-{count}.png"))
+        stem = path.stem or path.name
+        name, count = f"{stem}.png", 1
+        while name.lower() in used:
+            count += 1
+            name = f"{stem}-{count}.png"
+        used.add(name.lower())
+        names.append(folder / name)
     return names
 
 
-def _decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
+def _heatmap_at_source_size(path: Path, heatmap: np.ndarray, transform: ImageTransform) -> np.ndarray:
+    """The overlay of ``heatmap`` (model input resolution) on the input image, at the image's own size.
+
+    The heatmap is mapped back through the eval transform's resize and crop (``source_box``); parts of
+    the image the model did not see (a center crop's margins) are left untinted.
+    """
+    picture = np.asarray(load_image(path, channels=3))  # decoded again: the batch holds the resized input only
+    height, width = picture.shape[:2]
+    left, top, right, bottom = transform.source_box(width, height)
+    box_w, box_h = max(1, round(right - left)), max(1, round(bottom - top))
+    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((box_w, box_h), Image.Resampling.BILINEAR))
+    x0, y0 = round(left), round(top)
+    dx0, dy0, dx1, dy1 = max(0, x0), max(0, y0), min(width, x0 + box_w), min(height, y0 + box_h)
+    canvas = np.zeros((height, width), dtype=np.float32)
+    canvas[dy0:dy1, dx0:dx1] = heat[dy0 - y0 : dy1 - y0, dx0 - x0 : dx1 - x0]
+    blended = overlay(picture, np.clip(canvas, 0.0, 1.0))
+    seen = np.zeros((height, width), dtype=bool)
+    seen[dy0:dy1, dx0:dx1] = True
+    blended[~seen] = picture[~seen]
+    return blended
+
+
+def decisions(loaded: LoadedModel, probs: list[float]) -> list[str]:
     """Names of the positive outputs (sigmoid tasks) or of the predicted class (multiclass)."""
     if loaded.task == "multiclass":
         return [loaded.labels[int(np.argmax(probs))]]
@@ -178,28 +213,42 @@ def run(args: argparse.Namespace) -> int:
     failed = [Prediction(arg, error=why) for arg, why in inputs.missing]
     for arg, why in inputs.missing:
         print(f"qing: skipped {arg}: {why}", file=sys.stderr)
+    for path in inputs.not_images[:_NOT_IMAGES_SHOWN]:
+        print(f"qing: not read {path}: {_NOT_AN_IMAGE}", file=sys.stderr)
+    if len(inputs.not_images) > _NOT_IMAGES_SHOWN:
+        print(f"qing: not read {len(inputs.not_images) - _NOT_IMAGES_SHOWN} more such file(s)", file=sys.stderr)
 
-    dataset = ImageFiles(inputs.files, transform)
-    loader = inference_loader(dataset, device=device, batch_size=args.batch_size, num_workers=args.num_workers)
-    model = TTAModel(loaded.model, task=loaded.task).eval() if args.tta else loaded.model
     label = loaded.labels.index(args.heatmap_label) if args.heatmap_label is not None else None
-    for batch in iter_logits(model, loader, device=device, progress=args.progress, desc="predict"):
+    batches = iter_predictions(
+        loaded,
+        inputs.files,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=args.progress,
+        transform=transform,
+        tta=args.tta,
+    )
+    for batch in batches:
         for bad in batch.bad:
             results[bad.index].error = bad.reason
             print(f"qing: skipped {bad.path}: {bad.reason}", file=sys.stderr)
         if not batch.indices:
             continue
-        probs = loaded.probabilities(batch.logits.numpy())
-        for index, row in zip(batch.indices, probs):
+        for index, row in zip(batch.indices, batch.probabilities):
             results[index].probabilities = [float(p) for p in row]
         if heatmap_paths:
             heat = heatmaps(loaded.model, batch.images, method=method, label=label)
-            pictures = denormalize(batch.images, transform.mean, transform.std)
-            for index, picture, heatmap in zip(batch.indices, pictures, heat):
+            for index, heatmap in zip(batch.indices, heat):
+                try:
+                    blended = _heatmap_at_source_size(inputs.files[index], heatmap.numpy(), transform)
+                except (ImageLoadError, OSError) as err:  # the file changed since its prediction
+                    print(f"qing: no heatmap for {inputs.files[index]}: {err}", file=sys.stderr)
+                    continue
                 target = heatmap_paths[index]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(target) as tmp:
-                    Image.fromarray(overlay(picture, heatmap)).save(tmp, format="PNG")
+                    Image.fromarray(blended).save(tmp, format="PNG")
                 results[index].heatmap = str(target)
 
     everything = failed + results
@@ -207,7 +256,10 @@ def run(args: argparse.Namespace) -> int:
     if fmt == "table":
         print(_table(loaded, results))
     else:
-        text = _csv(loaded, everything, heatmaps=bool(heatmap_paths)) if fmt == "csv" else _json(loaded, everything)
+        if fmt == "csv":
+            text = predictions_csv(loaded, everything, heatmaps=bool(heatmap_paths))
+        else:
+            text = _json(loaded, everything, inputs.not_images)
         if args.output is None:
             sys.stdout.write(text)
         else:
@@ -216,7 +268,9 @@ def run(args: argparse.Namespace) -> int:
     where = f" -> {args.output}" if args.output is not None else ""
     print(
         f"qing: {ok} image(s) predicted{where}; calibration: {loaded.calibration_source}; "
-        f"thresholds: {_threshold_text(loaded)}" + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else ""),
+        f"thresholds: {_threshold_text(loaded)}"
+        + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else "")
+        + (f"; {len(inputs.not_images)} other file(s) not read (listed above)" if inputs.not_images else ""),
         file=sys.stderr,
     )
     if n_bad:
@@ -228,11 +282,23 @@ def run(args: argparse.Namespace) -> int:
 def _threshold_text(loaded: LoadedModel) -> str:
     if loaded.task == "multiclass":
         return loaded.threshold_source
-    values = ", ".join(f"{t:.3g}" for t in loaded.thresholds[:6]) + (", ..." if len(loaded.thresholds) > 6 else "")
+    values = ", ".join(f"{t:.6g}" for t in loaded.thresholds[:6]) + (", ..." if len(loaded.thresholds) > 6 else "")
     return f"{values} ({loaded.threshold_source})"
 
 
+def _compared(p: float, t: float) -> str:
+    """``"0.4986 >= 0.4985"``: a probability against its threshold, with as many decimals as the comparison needs."""
+    sign = ">=" if p >= t else "<"
+    for decimals in range(4, 17):
+        shown_p, shown_t = f"{p:.{decimals}f}", f"{t:.{decimals}f}"
+        if shown_p != shown_t or p == t:
+            break
+    return f"{shown_p} {sign} {shown_t}"
+
+
 def _table(loaded: LoadedModel, results: list[Prediction]) -> str:
+    if loaded.task == "multilabel":
+        return _multilabel_table(loaded, results)
     few = len(loaded.labels) <= 4
     headers = ["image", *(loaded.labels if few else ["top output"]), "decision"]
     rows = []
@@ -240,21 +306,34 @@ def _table(loaded: LoadedModel, results: list[Prediction]) -> str:
         if r.probabilities is None:
             rows.append([r.path, *(["-"] * (len(headers) - 2)), "unreadable"])
             continue
-        decision = _decisions(loaded, r.probabilities)
-        if loaded.task == "binary":
-            shown = loaded.labels[0] if decision else loaded.negative_label
-        else:
-            shown = ", ".join(decision) or "none above threshold"
+        decision = decisions(loaded, r.probabilities)
+        shown = (loaded.labels[0] if decision else loaded.negative_label) if loaded.task == "binary" else decision[0]
         if few:
             probs = [f"{p:.4f}" for p in r.probabilities]
         else:
             top = int(np.argmax(r.probabilities))
             probs = [f"{loaded.labels[top]} {r.probabilities[top]:.4f}"]
         rows.append([r.path, *probs, shown])
-    return format_table(headers, rows, max_width=70)
+    return format_table(headers, rows, max_width=_NO_CUT)
 
 
-def _csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool) -> str:
+def _multilabel_table(loaded: LoadedModel, results: list[Prediction]) -> str:
+    """Per image: the positive outputs, most probable first, each against its threshold; then the top negative."""
+    headers = ["image", "positive (probability >= threshold)", "top negative"]
+    rows = []
+    for r in results:
+        if r.probabilities is None:
+            rows.append([r.path, "unreadable", "-"])
+            continue
+        ranked = sorted(zip(loaded.labels, r.probabilities, loaded.thresholds), key=lambda x: -x[1])
+        positive = [f"{name} {_compared(p, t)}" for name, p, t in ranked if p >= t]
+        negative = next((f"{name} {_compared(p, t)}" for name, p, t in ranked if p < t), "-")
+        rows.append([r.path, "; ".join(positive) or "none", negative])
+    return format_table(headers, rows, max_width=_NO_CUT)
+
+
+def predictions_csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool = False) -> str:
+    """The CSV of ``qing predict`` (also the download of ``qing app``): one row per input, failed ones included."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     prob_cols = [f"prob_{name}" for name in loaded.labels]
@@ -265,15 +344,15 @@ def _csv(loaded: LoadedModel, results: list[Prediction], *, heatmaps: bool) -> s
             cells: list[Any] = [""] * (len(prob_cols) + len(decision_cols))
         else:
             if loaded.task == "multiclass":
-                decisions: list[Any] = _decisions(loaded, r.probabilities)
+                decided: list[Any] = decisions(loaded, r.probabilities)
             else:
-                decisions = [int(p >= t) for p, t in zip(r.probabilities, loaded.thresholds)]
-            cells = [repr(p) for p in r.probabilities] + decisions
+                decided = [int(p >= t) for p, t in zip(r.probabilities, loaded.thresholds)]
+            cells = [repr(p) for p in r.probabilities] + decided
         writer.writerow([r.path, *cells, *([r.heatmap or ""] if heatmaps else []), r.error or ""])
     return buffer.getvalue()
 
 
-def _json(loaded: LoadedModel, results: list[Prediction]) -> str:
+def _json(loaded: LoadedModel, results: list[Prediction], not_images: list[Path]) -> str:
     predictions, failed = [], []
     for r in results:
         if r.probabilities is None:
@@ -281,9 +360,9 @@ def _json(loaded: LoadedModel, results: list[Prediction]) -> str:
             continue
         entry: dict[str, Any] = {"path": r.path, "probabilities": dict(zip(loaded.labels, r.probabilities))}
         if loaded.task == "multiclass":
-            entry["predicted"] = _decisions(loaded, r.probabilities)[0]
+            entry["predicted"] = decisions(loaded, r.probabilities)[0]
         else:
-            entry["positive"] = _decisions(loaded, r.probabilities)
+            entry["positive"] = decisions(loaded, r.probabilities)
         if r.heatmap:
             entry["heatmap"] = r.heatmap
         predictions.append(entry)
@@ -297,5 +376,6 @@ def _json(loaded: LoadedModel, results: list[Prediction]) -> str:
         "calibration": loaded.calibration_source,
         "predictions": predictions,
         "failed": failed,
+        "not_read": [{"path": str(p), "reason": _NOT_AN_IMAGE} for p in not_images],
     }
     return json.dumps(document, indent=2) + "\n"

@@ -4,10 +4,31 @@ Data flows one way: files -> :func:`load_splits` (samples, checked, split by pat
 :func:`build_transforms` (from the model's pretrained cfg) -> :func:`build_datasets` -> DataLoader.
 """
 
-from qing.data.builders import DataConfig, DataSplits, build_datasets, load_splits
+from qing.data.builders import (
+    PATIENT_REGEXES,
+    DataConfig,
+    DataSplits,
+    build_datasets,
+    load_splits,
+    resolve_patient_regex,
+)
 from qing.data.dataset import BadFileLog, BadImage, CXRDataset, ImageFiles, collate_skip_bad, encode_targets
-from qing.data.image_io import ImageLoadError, check_image_header, find_images, is_dicom, is_image_file, load_image
+from qing.data.image_io import (
+    DICOM_TRANSFER_SYNTAXES,
+    DicomTransferSyntax,
+    FolderScan,
+    ImageLoadError,
+    check_image_header,
+    dicom_decoder_problem,
+    find_images,
+    is_dicom,
+    is_image_file,
+    load_image,
+    scan_folder,
+)
 from qing.data.samples import (
+    NEGATIVE_CLASS_NAMES,
+    NIH_FINDINGS_COLUMN,
     PATIENT_REGEX_KERMANY,
     PATIENT_REGEX_NIH,
     Sample,
@@ -21,6 +42,10 @@ from qing.data.synthetic import PATIENT_REGEX_SYNTHETIC, SYNTHETIC_CLASSES, make
 from qing.data.transforms import ImageTransform, build_transforms, resolve_image_config
 
 __all__ = [
+    "DICOM_TRANSFER_SYNTAXES",
+    "NEGATIVE_CLASS_NAMES",
+    "NIH_FINDINGS_COLUMN",
+    "PATIENT_REGEXES",
     "PATIENT_REGEX_KERMANY",
     "PATIENT_REGEX_NIH",
     "PATIENT_REGEX_SYNTHETIC",
@@ -30,6 +55,8 @@ __all__ = [
     "CXRDataset",
     "DataConfig",
     "DataSplits",
+    "DicomTransferSyntax",
+    "FolderScan",
     "ImageFiles",
     "ImageLoadError",
     "ImageTransform",
@@ -38,6 +65,7 @@ __all__ = [
     "build_transforms",
     "check_image_header",
     "collate_skip_bad",
+    "dicom_decoder_problem",
     "encode_targets",
     "find_images",
     "is_dicom",
@@ -51,6 +79,8 @@ __all__ = [
     "read_label_csv",
     "read_list_file",
     "resolve_image_config",
+    "resolve_patient_regex",
+    "scan_folder",
     "split_by_patient",
     "synthetic_cxr_image",
 ]

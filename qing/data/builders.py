@@ -18,6 +18,7 @@ before training: missing files are an error, unreadable ones are skipped and cou
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,11 +27,21 @@ from typing import Any, Optional, Union
 
 from qing.data.dataset import BadFileLog, CXRDataset
 from qing.data.image_io import ImageLoadError, check_image_header, load_image
-from qing.data.samples import Sample, patient_from_name, read_class_folders, read_label_csv, read_list_file
+from qing.data.samples import (
+    NEGATIVE_CLASS_NAMES,
+    PATIENT_REGEX_KERMANY,
+    PATIENT_REGEX_NIH,
+    Sample,
+    patient_from_name,
+    read_class_folders,
+    read_label_csv,
+    read_list_file,
+)
 from qing.data.splits import patient_overlap, split_by_patient
+from qing.data.synthetic import PATIENT_REGEX_SYNTHETIC
 from qing.data.transforms import ImageTransform
 
-__all__ = ["DataConfig", "DataSplits", "build_datasets", "load_splits"]
+__all__ = ["PATIENT_REGEXES", "DataConfig", "DataSplits", "build_datasets", "load_splits", "resolve_patient_regex"]
 
 _log = logging.getLogger("qing.data")
 
@@ -39,7 +50,33 @@ _SPLIT_NAMES = {
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test",
 }  # fmt: skip
-_NEGATIVE_NAMES = ("normal", "no finding", "no_finding", "negative", "healthy")
+
+#: Named patient-id patterns ``patient_regex`` accepts instead of a pattern (``--patient-regex nih``).
+PATIENT_REGEXES = {
+    "PATIENT_REGEX_NIH": PATIENT_REGEX_NIH,
+    "PATIENT_REGEX_KERMANY": PATIENT_REGEX_KERMANY,
+    "PATIENT_REGEX_SYNTHETIC": PATIENT_REGEX_SYNTHETIC,
+}
+
+
+def resolve_patient_regex(value: Optional[str]) -> Optional[str]:
+    """The pattern ``value`` names (``PATIENT_REGEX_NIH``, or just ``nih``, any case), else ``value`` itself.
+
+    Raises:
+        ValueError: ``value`` is neither a known name nor a valid regular expression.
+    """
+    if value is None:
+        return None
+    key = value.strip().upper()
+    named = PATIENT_REGEXES.get(key) or PATIENT_REGEXES.get(f"PATIENT_REGEX_{key}")
+    if named is not None:
+        return named
+    try:
+        re.compile(value)
+    except re.error as e:
+        names = ", ".join(PATIENT_REGEXES)
+        raise ValueError(f"patient_regex {value!r} is not a regular expression ({e}) nor one of {names}") from e
+    return value
 
 
 @dataclass
@@ -55,16 +92,22 @@ class DataConfig:
         labels_csv: CSV with one row per image.
         image_dir: Folder the CSV / list-file paths are relative to (default: the file's folder).
         path_column: CSV column with the image path.
-        label_column: CSV column with a class name (binary/multiclass).
+        label_column: CSV column with a class name (binary/multiclass), or with ``|``-separated
+            findings (multi-label, e.g. NIH's ``Finding Labels``: ``Atelectasis|Effusion``, ``No Finding``).
         label_columns: CSV 0/1 columns (multi-label); default: every all-0/1 column.
+        label_separator: Separator of the findings in ``label_column``; default: ``|`` when a value
+            holds one or the column is ``Finding Labels``.
         split_column: CSV column with ``train``/``val``(``valid``)/``test`` per row.
         train_list: ChestX-ray14 list file (``image_name l1 ... lK``) for training.
         val_list: List file for validation.
         test_list: List file for testing.
-        label_names: Names of the list-file label columns (default: the 14 ChestX-ray14 labels).
+        label_names: Names of the list-file label columns (default: the 14 ChestX-ray14 labels), or
+            the findings of a separated ``label_column`` in output order (default: those found).
         patient_column: CSV column with the patient id (keeps a patient on one side of a split).
-        patient_regex: Or a pattern taking the patient id from the file name, e.g.
-            ``qing.data.PATIENT_REGEX_NIH``.
+        patient_regex: Or a pattern taking the patient id from the file name (group ``patient``),
+            or the name of a known one: ``nih`` (``00000005_001.png`` -> ``00000005``), ``kermany``
+            (``person102_virus_189.jpeg`` -> ``person102``), ``synthetic``; ``PATIENT_REGEX_NIH``
+            etc. work too.
         val_fraction: Share of train held out for validation when there is no validation split
             (the original ``VALIDATION_SPLIT``).
         test_fraction: Share held out for testing when there is no test split.
@@ -92,6 +135,7 @@ class DataConfig:
     path_column: str = "path"
     label_column: Optional[str] = None
     label_columns: Optional[list[str]] = None
+    label_separator: Optional[str] = None
     split_column: Optional[str] = None
     train_list: Optional[str] = None
     val_list: Optional[str] = None
@@ -114,6 +158,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.scale = tuple(self.scale)
+        self.patient_regex = resolve_patient_regex(self.patient_regex)
         if self.task not in ("auto", "binary", "multiclass", "multilabel"):
             raise ValueError(f"task must be auto, binary, multiclass or multilabel, got {self.task!r}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -175,12 +220,15 @@ def _read_sources(cfg: DataConfig) -> tuple[dict[str, _Raw], str, bool, Optional
             "give exactly one data source: root (class folders), train_dir, labels_csv or train_list; "
             f"got {given or 'none'}"
         )
-    regex = cfg.patient_regex
+    regex = resolve_patient_regex(cfg.patient_regex)
     if cfg.patient_column and not cfg.labels_csv:
         raise ValueError("patient_column needs labels_csv; for image folders use patient_regex")
 
     if cfg.root:
         root = Path(cfg.root)
+        if root.is_file():
+            use = "labels_csv" if root.suffix.lower() == ".csv" else "train_list (a list file) or labels_csv"
+            raise ValueError(f"root is a file, not a folder of class folders: {root}; use {use}={str(root)!r}")
         if not root.is_dir():
             raise FileNotFoundError(f"data root not found: {root}")
         train = _find_split_dir(root, ("train", "training"))
@@ -211,11 +259,13 @@ def _read_sources(cfg: DataConfig) -> tuple[dict[str, _Raw], str, bool, Optional
             path_column=cfg.path_column,
             label_column=cfg.label_column,
             label_columns=cfg.label_columns,
+            label_separator=cfg.label_separator,
+            label_names=cfg.label_names,
             patient_column=cfg.patient_column,
             patient_regex=regex,
             split_column=cfg.split_column,
         )
-        multilabel_names = None if cfg.label_column else names
+        multilabel_names = names if rows and isinstance(rows[0].labels, tuple) else None
         if not cfg.split_column:
             return {"all": [(r.path, r.labels, r.patient) for r in rows]}, f"{cfg.labels_csv}", True, multilabel_names
         splits: dict[str, _Raw] = {}
@@ -261,7 +311,7 @@ def _resolve_task(cfg: DataConfig, splits: dict[str, _Raw], multilabel_names: Op
         if len(classes) != 2:
             raise ValueError(f"task='binary' needs exactly two classes, found {len(classes)}: {classes}")
         positive = cfg.positive_class or next(
-            (c for c in classes if classes[1 - classes.index(c)].lower() in _NEGATIVE_NAMES), classes[1]
+            (c for c in classes if classes[1 - classes.index(c)].lower() in NEGATIVE_CLASS_NAMES), classes[1]
         )
         if positive not in classes:
             raise ValueError(f"positive_class {positive!r} is not one of the classes {classes}")

@@ -7,37 +7,83 @@ image with values 0..255, so the transforms downstream never see a file format.
   (Pillow's own ``convert("L")`` would clip everything above 255 to white).
 * Alpha (``RGBA``, ``LA``, palette images with transparency) is composited onto black:
   a transparent pixel carries no signal.
-* DICOM (needs ``pydicom``, the ``qing[dicom]`` extra): modality LUT (rescale slope and
-  intercept), then the VOI LUT or window center/width, scaled by the output range the DICOM
-  standard defines for it; ``MONOCHROME1`` (bright = air) is inverted so bones are bright.
+* DICOM (the ``qing[dicom]`` extra: pydicom and the decoders in ``DICOM_TRANSFER_SYNTAXES``):
+  modality LUT (rescale slope and intercept), then the VOI LUT or window center/width, scaled by
+  the output range the DICOM standard defines for it, then the Presentation LUT Shape: ``INVERSE``
+  inverts, ``IDENTITY`` does not, and without a shape ``MONOCHROME1`` (bright = air) is inverted,
+  so bones are bright.
+
+Anything that goes wrong while decoding is an :class:`ImageLoadError` naming the file: truncated or
+corrupt data, a decompression bomb (more pixels than twice ``PIL.Image.MAX_IMAGE_PIXELS``, for
+DICOM ``Rows x Columns x frames`` too), a DICOM transfer syntax without an installed decoder, or
+malformed DICOM LUTs (a Window Width of 0, a VOI LUT item without data).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 __all__ = [
     "DICOM_EXTENSIONS",
+    "DICOM_TRANSFER_SYNTAXES",
     "IMAGE_EXTENSIONS",
+    "DicomTransferSyntax",
+    "FolderScan",
     "ImageLoadError",
     "check_image_header",
+    "dicom_decoder_problem",
     "find_images",
     "is_dicom",
     "is_image_file",
     "load_image",
+    "scan_folder",
 ]
 
 PathLike = Union[str, os.PathLike]
+
+_log = logging.getLogger("qing.data")
 
 #: File name endings read as DICOM (files with the ``DICM`` preamble are DICOM whatever their name).
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 #: File name endings treated as images: every format Pillow registers, plus DICOM.
 IMAGE_EXTENSIONS = tuple(sorted(set(Image.registered_extensions()) | set(DICOM_EXTENSIONS)))
+
+
+class DicomTransferSyntax(NamedTuple):
+    """A DICOM transfer syntax qing reads, and the package that decodes its pixel data."""
+
+    uid: str
+    name: str
+    decoder: str
+
+
+#: The DICOM transfer syntaxes qing reads (each tested on real files): the uncompressed ones and RLE
+#: through pydicom itself, JPEG Baseline through Pillow, the rest through the ``qing[dicom]`` extra's
+#: pylibjpeg plugins (``python-gdcm``, if installed, is used by pydicom as well).
+DICOM_TRANSFER_SYNTAXES = (
+    DicomTransferSyntax("1.2.840.10008.1.2", "Implicit VR Little Endian", "pydicom"),
+    DicomTransferSyntax("1.2.840.10008.1.2.1", "Explicit VR Little Endian", "pydicom"),
+    DicomTransferSyntax("1.2.840.10008.1.2.1.99", "Deflated Explicit VR Little Endian", "pydicom"),
+    DicomTransferSyntax("1.2.840.10008.1.2.2", "Explicit VR Big Endian", "pydicom"),
+    DicomTransferSyntax("1.2.840.10008.1.2.5", "RLE Lossless", "pydicom"),
+    DicomTransferSyntax("1.2.840.10008.1.2.4.50", "JPEG Baseline (Process 1)", "Pillow"),
+    DicomTransferSyntax("1.2.840.10008.1.2.4.51", "JPEG Extended (Process 2 and 4)", "pylibjpeg-libjpeg"),
+    DicomTransferSyntax("1.2.840.10008.1.2.4.57", "JPEG Lossless (Process 14)", "pylibjpeg-libjpeg"),
+    DicomTransferSyntax(
+        "1.2.840.10008.1.2.4.70", "JPEG Lossless, First-Order Prediction (Process 14, SV1)", "pylibjpeg-libjpeg"
+    ),
+    DicomTransferSyntax("1.2.840.10008.1.2.4.80", "JPEG-LS Lossless", "pylibjpeg-libjpeg"),
+    DicomTransferSyntax("1.2.840.10008.1.2.4.81", "JPEG-LS Near-Lossless", "pylibjpeg-libjpeg"),
+    DicomTransferSyntax("1.2.840.10008.1.2.4.90", "JPEG 2000 Lossless", "pylibjpeg-openjpeg"),
+    DicomTransferSyntax("1.2.840.10008.1.2.4.91", "JPEG 2000", "pylibjpeg-openjpeg"),
+)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -62,19 +108,64 @@ def is_image_file(path: PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def find_images(folder: PathLike) -> list[Path]:
-    """Image files under ``folder``: recursive, sorted, symlinks followed, hidden files and folders skipped."""
-    found = []
+@dataclass
+class FolderScan:
+    """What :func:`scan_folder` found under a folder.
+
+    Attributes:
+        images: Image files (by name ending, or DICOM by the ``DICM`` preamble whatever the name), sorted.
+        not_images: Other files (hidden ones are not listed): neither read nor counted as images.
+        loops: Folders not walked because they lead back to a folder already walked (a symbolic link
+            such as ``class_a/up -> ..``, which would put the other classes' images into ``class_a``).
+    """
+
+    images: list[Path] = field(default_factory=list)
+    not_images: list[Path] = field(default_factory=list)
+    loops: list[Path] = field(default_factory=list)
+
+
+def scan_folder(folder: PathLike) -> FolderScan:
+    """Walk ``folder`` for images: recursive, sorted, symlinks followed without loops, hidden entries skipped.
+
+    A file without an image ending is an image when it is DICOM (the ``DICM`` preamble at byte 128,
+    as PACS exports without ``.dcm``). A symlinked folder is followed unless it resolves to a folder
+    already walked or to one that contains the current folder; each such link is logged and listed.
+    """
+    scan = FolderScan()
+    visited = {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
-    return found
+        here = os.path.realpath(dirpath)
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            target = os.path.realpath(os.path.join(dirpath, name))
+            if target in visited or os.path.commonpath([target, here]) == target:
+                link = Path(dirpath) / name
+                if link.is_symlink():
+                    _log.warning("not following %s -> %s: it leads back to a folder already walked", link, target)
+                else:
+                    _log.warning("skipping %s: already walked through a symbolic link to it", link)
+                scan.loops.append(link)
+                continue
+            visited.add(target)
+            kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            path = Path(dirpath) / name
+            (scan.images if is_image_file(name) or _has_dicom_preamble(path) else scan.not_images).append(path)
+    return scan
+
+
+def find_images(folder: PathLike) -> list[Path]:
+    """Image files under ``folder`` (see :func:`scan_folder`): recursive, sorted, DICOM without an ending too."""
+    return scan_folder(folder).images
 
 
 def is_dicom(path: PathLike) -> bool:
     """Whether ``path`` is a DICOM file: a ``.dcm``/``.dicom`` name or the ``DICM`` magic at byte 128."""
-    if str(path).lower().endswith(DICOM_EXTENSIONS):
-        return True
+    return str(path).lower().endswith(DICOM_EXTENSIONS) or _has_dicom_preamble(path)
+
+
+def _has_dicom_preamble(path: PathLike) -> bool:
     try:
         with open(path, "rb") as f:
             f.seek(128)
@@ -110,15 +201,20 @@ def check_image_header(path: PathLike) -> None:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as e:
-            raise ImageLoadError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from e
-        if "Rows" not in ds:
-            raise ImageLoadError(path, "DICOM file without an image (no Rows)")
+            raise ImageLoadError(path, f"not a readable DICOM file ({_brief(e)})") from e
+        _check_dicom_header(ds, path)
         return
     try:
         with Image.open(path) as img:
             img.size  # noqa: B018 - parsing the header is the check
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageLoadError(path, f"not a readable image ({type(e).__name__}: {e})") from e
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, _bomb_reason(e)) from e
+    except Exception as e:  # Pillow's plugins raise many types for odd headers
+        raise ImageLoadError(path, f"not a readable image ({_brief(e)})") from e
+
+
+def _bomb_reason(error: Exception) -> str:
+    return f"image too large: {error} Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
 
 
 def load_image(path: PathLike, *, channels: int = 3) -> Image.Image:
@@ -158,8 +254,10 @@ def _read_pil(path: Path) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()  # decode now: truncated data raises here, not inside a transform
             img = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, _bomb_reason(e)) from e
+    except Exception as e:  # any decode failure (Pillow's plugins raise many types) is an unreadable image
+        raise ImageLoadError(path, _brief(e)) from e
     return _to_8bit(img, path)
 
 
@@ -190,35 +288,148 @@ def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
 
 def _read_dicom(path: Path) -> Image.Image:
     pydicom = _import_pydicom()
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     try:
         ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
     except Exception as e:  # pydicom raises many types for broken files
-        raise ImageLoadError(path, f"DICOM pixel data unreadable ({type(e).__name__}: {e})") from e
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise ImageLoadError(path, f"not a readable DICOM file ({_brief(e)})") from e
+    _check_dicom_header(ds, path)
+    try:
+        return _dicom_to_8bit(ds, path)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # any failure past the header (codec, LUTs, odd values) makes the image unreadable
+        raise ImageLoadError(path, f"DICOM pixel data unreadable ({_brief(e)})") from e
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` on one line (pydicom's multi-line decoder reports joined), for the bad-file list."""
+    text = "; ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    text = text.replace(":;", ":")
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+_DICOM_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+
+
+def _check_dicom_header(ds: Any, path: Path) -> None:
+    """One gray or colour frame, not a decompression bomb, in a transfer syntax with a decoder installed."""
+    try:
+        problem = _dicom_header_problem(ds)
+    except Exception as e:  # a malformed header element (Rows "abc", ...)
+        problem = f"malformed DICOM header ({_brief(e)})"
+    if problem is not None:
+        raise ImageLoadError(path, problem)
+
+
+def _dicom_header_problem(ds: Any) -> Optional[str]:
+    if "Rows" not in ds or "Columns" not in ds:
+        return "DICOM file without an image (no Rows/Columns)"
+    frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+    pixels = int(ds.Rows or 0) * int(ds.Columns or 0) * max(frames, 1)
+    limit = _pixel_limit()
+    if limit is not None and pixels > limit:
+        return (
+            f"image too large: {ds.Rows} x {ds.Columns} pixels" + (f" x {frames} frames" if frames > 1 else "")
+            + f" exceeds the decompression-bomb limit of {limit:,} pixels (2 x PIL.Image.MAX_IMAGE_PIXELS); "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        )  # fmt: skip
     if frames > 1:
-        raise ImageLoadError(path, f"multi-frame DICOM ({frames} frames) is not supported; export one frame")
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
+        return f"multi-frame DICOM ({frames} frames) is not supported; export one frame"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", *_DICOM_COLOUR):
+        return f"unsupported PhotometricInterpretation {photometric!r}"
+    transfer_syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    return dicom_decoder_problem(transfer_syntax) if transfer_syntax is not None else None
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixel_limit() -> Optional[int]:
+    """Pillow's decompression-bomb error threshold (``None`` when the user switched the guard off)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def dicom_decoder_problem(transfer_syntax: str) -> Optional[str]:
+    """Why pixel data in ``transfer_syntax`` cannot be decoded here, in one line, or ``None`` if it can.
+
+    Asks pydicom which of its decoder plugins are installed; the message names the syntax and what to
+    install (the ``qing[dicom]`` extra's package for the syntaxes in ``DICOM_TRANSFER_SYNTAXES``).
+
+    Example:
+        >>> dicom_decoder_problem("1.2.840.10008.1.2.1") is None  # Explicit VR Little Endian: always readable
+        True
+    """
+    from pydicom.pixels import get_decoder  # pydicom is optional: imported where DICOM is read
+    from pydicom.uid import UID
+
+    uid = UID(str(transfer_syntax))
+    label = f"{uid.name} ({uid})" if uid.name != str(uid) else str(uid)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return (
+            f"transfer syntax {label} cannot be decoded by pydicom; convert the file to an uncompressed "
+            "transfer syntax first (e.g. gdcmconv --raw)"
+        )
+    if decoder.is_available:
+        return None
+    known = next((s for s in DICOM_TRANSFER_SYNTAXES if s.uid == str(uid)), None)
+    if known is not None:
+        return f"transfer syntax {label} needs a decoder: pip install 'qing[dicom]' (installs {known.decoder})"
+    return f"transfer syntax {label} needs a decoder: install one of {'; '.join(decoder.missing_dependencies)}"
+
+
+def _dicom_to_8bit(ds: Any, path: Path) -> Image.Image:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pydicom is optional: imported where used
+
+    pixels = ds.pixel_array
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()  # checked by the header check
+    if photometric in _DICOM_COLOUR:
         if pixels.dtype != np.uint8:
             raise ImageLoadError(path, f"colour DICOM with {pixels.dtype} samples is not supported")
         return Image.fromarray(pixels, mode="RGB")  # pydicom converts YBR to RGB
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageLoadError(path, f"unsupported PhotometricInterpretation {photometric!r}")
+    invert = _presentation_inverts(ds, photometric, path)
 
     values = apply_modality_lut(pixels, ds)
     low, high = _modality_range(ds)
     if ds.get("VOILUTSequence"):
+        item = ds.VOILUTSequence[0]
+        if item.get("LUTDescriptor") is None or item.get("LUTData") is None:
+            raise ImageLoadError(path, "VOI LUT Sequence item without LUT Descriptor or LUT Data")
         values = apply_voi_lut(values, ds)
-        low, high = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        low, high = 0.0, float(2 ** int(item.LUTDescriptor[2]) - 1)
     elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         values = apply_voi_lut(values, ds)  # windowing maps onto the modality output range
     scaled = np.clip((np.asarray(values, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
-    if photometric == "MONOCHROME1":
+    if not np.isfinite(scaled).all():
+        raise ImageLoadError(path, "DICOM pixel values are not finite after the modality and VOI LUTs")
+    if invert:
         scaled = 1.0 - scaled
     return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8), mode="L")
+
+
+def _presentation_inverts(ds: Any, photometric: str, path: Path) -> bool:
+    """Whether low values are shown bright: the Presentation LUT Shape when present, else MONOCHROME1.
+
+    DICOM PS3.3 (C.11.6.1, and the DX Image module C.8.11.7) defines the VOI LUT output as P-values
+    (bright = high) after the Presentation LUT Shape: ``IDENTITY`` keeps them, ``INVERSE`` inverts them,
+    and the shape already accounts for the Photometric Interpretation (DX: ``INVERSE`` with
+    ``MONOCHROME1``). So a given shape decides on its own; without one, ``MONOCHROME1`` inverts.
+    """
+    shape = str(ds.get("PresentationLUTShape") or "").strip().upper()
+    if not shape:
+        return photometric == "MONOCHROME1"
+    if shape not in ("IDENTITY", "INVERSE"):
+        raise ImageLoadError(path, f"unsupported Presentation LUT Shape {shape!r} (expected IDENTITY or INVERSE)")
+    return shape == "INVERSE"
 
 
 def _modality_range(ds: Any) -> tuple[float, float]:

@@ -7,6 +7,7 @@ names; it checks that every file it names exists and says which do not. Nothing 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from qing.data.image_io import find_images
+from qing.data.image_io import scan_folder
 from qing.weights import CXR14_LABELS  # the list files' label order
 
 __all__ = [
+    "NEGATIVE_CLASS_NAMES",
+    "NIH_FINDINGS_COLUMN",
     "PATIENT_REGEX_KERMANY",
     "PATIENT_REGEX_NIH",
     "CsvRow",
@@ -29,6 +32,8 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
+
+_log = logging.getLogger("qing.data")
 
 #: Patient id in NIH ChestX-ray14 file names: ``00000005_001.png`` -> ``00000005``.
 PATIENT_REGEX_NIH = r"^(?P<patient>\d+)_\d+"
@@ -91,17 +96,21 @@ def read_class_folders(root: PathLike) -> tuple[list[tuple[Path, str]], list[str
     if not classes:
         raise ValueError(f"{root} has no class subfolders; expected {root}/<CLASS>/<image files>")
     items: list[tuple[Path, str]] = []
-    empty = []
+    empty, not_images = [], []
     for name in classes:
-        files = find_images(root / name)
-        if not files:
+        scan = scan_folder(root / name)
+        if not scan.images:
             empty.append(name)
-        items.extend((f, name) for f in files)
+        items.extend((f, name) for f in scan.images)
+        not_images.extend(scan.not_images)
     if empty:
         raise ValueError(
             f"class folder(s) without images in {root}: {', '.join(empty)}; "
             f"add images or remove the folder (image endings: .png, .jpg, .dcm, ...)"
         )
+    if not_images:
+        shown = ", ".join(str(p) for p in not_images[:3]) + (", ..." if len(not_images) > 3 else "")
+        _log.warning("%d file(s) in %s are not images and are not used: %s", len(not_images), root, shown)
     return items, classes
 
 
@@ -172,12 +181,83 @@ def read_list_file(
 
 @dataclass(frozen=True)
 class CsvRow:
-    """One row of a label CSV: image path, raw label(s), patient and split (as written in the file)."""
+    """One row of a label CSV: image path, label(s), patient and split (as written in the file).
+
+    ``labels`` is the class name for a class-name column, else a tuple of 0/1 per label (0/1 columns,
+    or a column of separated findings such as NIH's ``Finding Labels``).
+    """
 
     path: Path
     labels: Union[str, tuple[int, ...]]
     patient: Optional[str]
     split: Optional[str]
+
+
+#: NIH ChestX-ray14's column of ``|``-separated findings (``Data_Entry_2017.csv``).
+NIH_FINDINGS_COLUMN = "Finding Labels"
+
+#: Class names meaning "no finding": the negative class of a binary task, and all-zero in a column of
+#: separated findings (NIH's ``Finding Labels`` writes ``No Finding``). Compared case-insensitively.
+NEGATIVE_CLASS_NAMES = ("normal", "no finding", "no_finding", "negative", "healthy")
+
+
+def _read_csv_records(csv_file: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and ``(line number, {column: value})`` records; a BOM is dropped, field counts are checked."""
+    try:
+        with open(csv_file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [name.strip() for name in next(reader, [])]
+            if not any(header):
+                raise ValueError(f"label CSV {csv_file} has no header row; the first line must name the columns")
+            records = []
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{csv_file}:{reader.line_num}: {len(row)} field(s) but the header has {len(header)} "
+                        f"({', '.join(header)}); fix the missing or extra comma on that line"
+                    )
+                records.append((reader.line_num, dict(zip(header, row))))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"label CSV {csv_file} is not UTF-8 text ({e}); save it as UTF-8") from e
+    return header, records
+
+
+def _looks_separated(column: str, values: Sequence[str]) -> bool:
+    """NIH's ``Finding Labels`` column, or any column with ``|`` in a value."""
+    return column == NIH_FINDINGS_COLUMN or any("|" in v for v in values)
+
+
+def _finding_names(
+    values: Sequence[tuple[int, str]], separator: str, csv_file: Path, column: str, label_names: Optional[Sequence[str]]
+) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Labels and 0/1 tuples from separated findings (``"Atelectasis|Effusion"``; ``"No Finding"`` = none)."""
+    parsed: list[list[str]] = []
+    for line_no, value in values:
+        findings = [f.strip() for f in value.split(separator)]
+        if not value.strip() or any(not f for f in findings):
+            raise ValueError(f"{csv_file}:{line_no}: empty finding in {column!r} value {value!r}")
+        negatives = [f for f in findings if f.lower() in NEGATIVE_CLASS_NAMES]
+        if negatives and len(findings) > 1:
+            raise ValueError(f"{csv_file}:{line_no}: {negatives[0]!r} together with findings in {value!r}")
+        parsed.append([] if negatives else findings)
+    found = {f for findings in parsed for f in findings}
+    if label_names is None:
+        if not found:
+            raise ValueError(f"{column!r} in {csv_file} lists no finding in any row (all 'No Finding')")
+        label_names = [n for n in CXR14_LABELS if n in found] if found <= set(CXR14_LABELS) else sorted(found)
+    unknown = sorted(found - set(label_names))
+    if unknown:
+        raise ValueError(f"{column!r} in {csv_file} has finding(s) {unknown} not in label_names {list(label_names)}")
+    index = {name: i for i, name in enumerate(label_names)}
+    targets = []
+    for findings in parsed:
+        target = [0] * len(label_names)
+        for f in findings:
+            target[index[f]] = 1
+        targets.append(tuple(target))
+    return list(label_names), targets
 
 
 def read_label_csv(
@@ -187,32 +267,39 @@ def read_label_csv(
     path_column: str = "path",
     label_column: Optional[str] = None,
     label_columns: Optional[Sequence[str]] = None,
+    label_separator: Optional[str] = None,
+    label_names: Optional[Sequence[str]] = None,
     patient_column: Optional[str] = None,
     patient_regex: Optional[str] = None,
     split_column: Optional[str] = None,
 ) -> tuple[list[CsvRow], list[str]]:
-    """Rows of a label CSV: class names in one column, or one 0/1 column per label.
+    """Rows of a label CSV: class names in one column, separated findings in one column, or 0/1 columns.
 
-    Give either ``label_column`` (e.g. ``label`` with values ``NORMAL``/``PNEUMONIA``) or
-    ``label_columns`` (multi-label, as the NIH ``labels.csv``); with neither, every column whose
-    values are all 0/1 (other than the path, patient and split columns) is a label column.
+    Give ``label_column`` (e.g. ``label`` with values ``NORMAL``/``PNEUMONIA``) or ``label_columns``
+    (multi-label, as the NIH ``labels.csv``); with neither, every column whose values are all 0/1
+    (other than the path, patient and split columns) is a label column. A ``label_column`` whose
+    values hold ``|``, or that is named ``Finding Labels`` (NIH's native column: ``Atelectasis|Effusion``,
+    ``No Finding``), is read as multi-label: one output per finding, ``No Finding``/``Normal`` = all zero.
 
     Args:
-        csv_file: The CSV file (header row required).
+        csv_file: The CSV file (UTF-8, a byte-order mark is fine; header row required).
         image_dir: Folder the paths are relative to (default: the CSV's folder).
         path_column: Column with the image path.
-        label_column: Column with a class name per row.
+        label_column: Column with a class name, or with separated findings, per row.
         label_columns: 0/1 label columns, in output order.
+        label_separator: Separator of findings in ``label_column``; default: ``|`` when a value holds one.
+        label_names: Findings of a separated column, in output order (default: those found, in
+            ChestX-ray14 order when they are ChestX-ray14 findings, else sorted).
         patient_column: Column with the patient id.
         patient_regex: Or a pattern taking the patient id from the file name.
         split_column: Column assigning rows to ``train``/``val``/``test``.
 
     Returns:
-        ``(rows, label_names)``; ``label_names`` are the sorted class names for ``label_column``,
-        else the label columns.
+        ``(rows, label_names)``; ``label_names`` are the sorted class names for a class-name column,
+        else the labels in output order.
 
     Raises:
-        ValueError: Unknown columns, non-0/1 values, empty values.
+        ValueError: Unknown columns, a line with the wrong number of fields, non-0/1 values, empty values.
         FileNotFoundError: The CSV or images it names are missing.
     """
     csv_file = Path(csv_file)
@@ -220,11 +307,10 @@ def read_label_csv(
         raise FileNotFoundError(f"label CSV not found: {csv_file}")
     if label_column and label_columns:
         raise ValueError("give label_column (class names) or label_columns (0/1 columns), not both")
+    if label_separator is not None and not label_column:
+        raise ValueError("label_separator needs label_column (the column of separated findings)")
     image_dir = Path(image_dir) if image_dir is not None else csv_file.parent
-    with open(csv_file, newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        records = list(reader)
+    header, records = _read_csv_records(csv_file)
     if not records:
         raise ValueError(f"label CSV {csv_file} has no rows")
     named = [c for c in (path_column, label_column, patient_column, split_column) if c] + list(label_columns or [])
@@ -233,17 +319,30 @@ def read_label_csv(
         raise ValueError(f"column(s) {unknown} not in {csv_file}; its columns are {header}")
     if not label_column and not label_columns:
         reserved = {path_column, patient_column, split_column}
-        label_columns = [c for c in header if c not in reserved and all(r[c].strip() in ("0", "1") for r in records)]
+        label_columns = [c for c in header if c not in reserved and all(r[c].strip() in ("0", "1") for _, r in records)]
         if not label_columns:
             raise ValueError(f"no 0/1 label columns found in {csv_file}; pass label_column or label_columns")
 
+    separator = label_separator
+    if separator is None and label_column and _looks_separated(label_column, [r[label_column] for _, r in records]):
+        separator = "|"
+    findings: Optional[list[tuple[int, ...]]] = None
+    if separator:
+        values = [(line_no, r[label_column]) for line_no, r in records]
+        names, findings = _finding_names(values, separator, csv_file, label_column, label_names)
+
     rows, missing = [], []
-    for line_no, record in enumerate(records, start=2):
-        path = image_dir / record[path_column].strip()
+    for i, (line_no, record) in enumerate(records):
+        name = record[path_column].strip()
+        if not name:
+            raise ValueError(f"{csv_file}:{line_no}: empty {path_column!r}")
+        path = image_dir / name
         if not path.is_file():
             missing.append(path)
-        if label_column:
-            labels: Union[str, tuple[int, ...]] = record[label_column].strip()
+        if findings is not None:
+            labels: Union[str, tuple[int, ...]] = findings[i]
+        elif label_column:
+            labels = record[label_column].strip()
             if not labels:
                 raise ValueError(f"{csv_file}:{line_no}: empty {label_column!r}")
         else:
@@ -260,5 +359,6 @@ def read_label_csv(
         rows.append(CsvRow(path, labels, patient, split))
     if missing:
         raise _missing_files_error(missing, csv_file)
-    names = sorted({r.labels for r in rows}) if label_column else list(label_columns)
+    if findings is None:
+        names = sorted({r.labels for r in rows}) if label_column else list(label_columns)
     return rows, names

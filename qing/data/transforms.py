@@ -12,6 +12,7 @@ A transform has two stages so that the deterministic part can be cached:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -23,6 +24,8 @@ from torch import nn
 from torchvision import transforms as T
 
 __all__ = ["ImageTransform", "build_transforms", "resolve_image_config"]
+
+_TIMM_DEFAULT_CROP_PCT = 0.875  # timm.data.transforms_factory uses it when crop_pct is None
 
 
 @dataclass
@@ -36,6 +39,8 @@ class ImageTransform:
         mean: Per-channel mean used by ``Normalize`` (length C).
         std: Per-channel std used by ``Normalize`` (length C).
         train: Whether ``finish`` augments.
+        crop_pct: timm's crop fraction of ``prepare`` (``None``: timm's default, 0.875).
+        crop_mode: timm's crop mode of ``prepare``: ``"center"`` (``None``), ``"squash"`` or ``"border"``.
     """
 
     prepare: Callable[[Image.Image], Image.Image]
@@ -44,10 +49,34 @@ class ImageTransform:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     train: bool
+    crop_pct: Optional[float] = None
+    crop_mode: Optional[str] = None
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> normalized tensor ``(C, H, W)``."""
         return self.finish(self.prepare(img))
+
+    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """Where the model input lies in the original image: the inverse of ``prepare``'s geometry.
+
+        Args:
+            width: Original image width in pixels.
+            height: Original image height in pixels.
+
+        Returns:
+            ``(left, top, right, bottom)`` in original pixel coordinates: the whole image for a squash
+            resize, a centred part of it for a center crop, beyond it (padding) for ``"border"``.
+        """
+        out_h, out_w = self.input_size[1:]
+        crop_pct = self.crop_pct or _TIMM_DEFAULT_CROP_PCT
+        scale_h, scale_w = math.floor(out_h / crop_pct), math.floor(out_w / crop_pct)
+        if self.crop_mode == "squash":
+            fx, fy = scale_w / width, scale_h / height
+        else:  # "border" fits the image inside the scale size, "center" covers it (shorter side)
+            fit = min if self.crop_mode == "border" else max
+            fx = fy = fit(scale_h / height, scale_w / width)
+        left, top = (width * fx - out_w) / 2 / fx, (height * fy - out_h) / 2 / fy
+        return left, top, left + out_w / fx, top + out_h / fy
 
     @property
     def channels(self) -> int:
@@ -154,4 +183,6 @@ def build_transforms(
         mean=cfg["mean"],
         std=cfg["std"],
         train=train,
+        crop_pct=cfg.get("crop_pct"),
+        crop_mode=cfg.get("crop_mode"),
     )
