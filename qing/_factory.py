@@ -18,6 +18,7 @@ from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, parse_model_nam
 from torch import nn
 
 from qing.hub import explain_source_errors, open_model_source, restore_meta, source_name
+from qing.meta import get_meta
 from qing.models import CNNTransformer
 from qing.models.cxr_densenet import CXRDenseNet
 from qing.weights import read_checkpoint, strip_prefixes, unwrap_state_dict
@@ -172,6 +173,7 @@ def from_pretrained(
     *,
     revision: Optional[str] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
+    calibration: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a saved or pushed model with its weights and ``qing_meta``, in eval mode.
@@ -182,15 +184,20 @@ def from_pretrained(
             (``"hf-hub:owner/name[@rev]"``, ``"local-dir:path"``).
         revision: Hub branch or commit sha to load (same as ``"@rev"`` in the name).
         cache_dir: Hub cache folder (default: the huggingface_hub cache).
+        calibration: Keep the saved temperature scaling (``qing_meta.temperatures``, applied by
+            ``qing.evaluate.probabilities`` and the CLI). ``False`` drops it and moves the thresholds to the
+            uncalibrated probabilities, so every decision stays the same (:meth:`qing.ModelMeta.uncalibrated`).
         **kwargs: Passed to [create_model][qing.create_model], e.g. ``num_classes=3`` for a new head
             (thresholds and metrics of the old head are then dropped, with a warning).
 
     Returns:
-        The model in eval mode; ``model.qing_meta`` holds the saved task, thresholds and metrics.
+        The model in eval mode; ``model.qing_meta`` holds the saved task, temperatures, thresholds and metrics.
 
     Raises:
         qing.hub.ModelSourceNotFoundError: Missing repo, revision, file or folder ("no such folder" for a
             local path), or not cached while offline.
     """
     model = create_model(source_name(source, revision), pretrained=True, cache_dir=cache_dir, **kwargs)
+    if not calibration:
+        model.qing_meta = get_meta(model).uncalibrated()
     return model.eval()

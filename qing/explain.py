@@ -1,4 +1,13 @@
-"""Look inside a CNN-Transformer: class-token attention maps, attention rollout, CNN feature maps.
+"""Look inside a model: Grad-CAM for one label, class-token attention maps, attention rollout, CNN feature maps.
+
+**Grad-CAM** (Selvaraju et al., 2017) is class-specific: for a chosen output ``c`` it weighs each
+channel ``k`` of the backbone's last feature map ``A`` by the spatial mean of the gradient of the
+logit ``y_c``, ``alpha_k = mean_ij d y_c / d A_k[i, j]``, and keeps the positive part of
+``sum_k alpha_k A_k``: the regions whose features push **this** output up. It works for every model
+with a CNN backbone (qing's hybrids, where the gradient flows back through the Transformer, and plain
+timm CNNs such as DenseNet121). It is a coarse map (the ``h x w`` grid of the last stage), and a
+heuristic: sanity-check it (:func:`grad_cam` of a model with randomized weights should look different,
+Adebayo et al., 2018).
 
 A qing model turns the image into an ``h x w`` grid of tokens (``h = H / feat_stride``),
 prepends a class token and mixes them with self-attention. Row 0 of a block's attention
@@ -39,20 +48,29 @@ from torch import nn
 from qing._io import save_figure
 
 __all__ = [
+    "EXPLAIN_METHODS",
     "HEATMAP_METHODS",
     "attention_maps",
     "attention_rollout",
     "class_token_heatmap",
     "denormalize",
     "feature_maps",
+    "grad_cam",
+    "gradcam_layer",
+    "heatmaps",
     "overlay",
     "save_attention_figure",
     "save_attention_overlays",
     "save_feature_maps_figure",
+    "save_gradcam_figure",
+    "save_gradcam_overlays",
 ]
 
 #: ``method`` values of :func:`class_token_heatmap`.
 HEATMAP_METHODS = ("rollout", "last")
+
+#: ``method`` values of :func:`heatmaps` (``qing explain --method``, ``qing predict --heatmap-method``).
+EXPLAIN_METHODS = ("gradcam", "rollout", "last")
 
 PathLike = Union[str, Path]
 
@@ -179,6 +197,126 @@ def class_token_heatmap(model: nn.Module, images: torch.Tensor, *, method: str =
         cls_row = attentions[-1].mean(dim=1)[:, 0, 1:]
     grid = cls_row.reshape(-1, 1, h, w)
     return _upsample(grid, tuple(images.shape[-2:]))[:, 0]
+
+
+def gradcam_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    """The module whose output Grad-CAM uses: the backbone's last stage.
+
+    For a qing ``CNNTransformer`` the last entry of ``model.backbone.feature_info`` (the feature map the
+    tokens are made from); for a timm CNN the last entry of ``model.feature_info`` (e.g.
+    ``features.norm5`` of DenseNet121, ``layer4`` of a ResNet).
+
+    Returns:
+        ``(qualified module name, module)``.
+
+    Raises:
+        TypeError: The model has no timm ``feature_info`` to find its last stage in.
+    """
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and getattr(backbone, "feature_info", None):
+        prefix, info = "backbone.", backbone.feature_info
+    else:
+        prefix, info = "", getattr(model, "feature_info", None)
+    if not info or not isinstance(info[-1], dict) or "module" not in info[-1]:
+        raise TypeError(
+            f"{type(model).__name__} has no timm feature_info to find its last CNN stage; pass layer= explicitly"
+        )
+    name = prefix + info[-1]["module"]
+    return name, model.get_submodule(name)
+
+
+def _label_index(model: nn.Module, label: Union[int, str, None], num_outputs: int) -> Optional[int]:
+    if label is None or isinstance(label, int):
+        if label is not None and not -num_outputs <= label < num_outputs:
+            raise ValueError(f"label {label} is out of range for a model with {num_outputs} outputs")
+        return None if label is None else label % num_outputs
+    names = list((getattr(model, "pretrained_cfg", None) or {}).get("label_names") or ())
+    if label not in names:
+        raise ValueError(f"label {label!r} is not one of the model's labels {names or '(none recorded)'}")
+    return names.index(label)
+
+
+def grad_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    label: Union[int, str, None] = None,
+    layer: Optional[nn.Module] = None,
+    normalize: bool = True,
+    return_labels: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Grad-CAM of one output at the backbone's last stage, upsampled to the image.
+
+    ``cam = relu(sum_k alpha_k A_k)`` with ``A`` the layer's ``(K, h, w)`` output and
+    ``alpha_k = mean_ij d logit_c / d A_k[i, j]`` (see the module docstring). The model runs in eval mode
+    (its mode is restored); its parameters are not changed and get no ``.grad``.
+
+    Args:
+        model: A qing ``CNNTransformer`` or a timm CNN (anything :func:`gradcam_layer` finds a stage in,
+            or any model with ``layer`` given).
+        images: Normalized images ``(B, C, H, W)``.
+        label: The output to explain: an index, a name from ``model.pretrained_cfg["label_names"]``, or
+            ``None`` for each image's highest logit (for a binary model the single output).
+        layer: The module whose ``(B, K, h, w)`` output is used (default :func:`gradcam_layer`).
+        normalize: Scale each map to ``[0, 1]`` (min-max per image; an all-zero map stays zero).
+        return_labels: Also return the ``(B,)`` output index explained for each image.
+
+    Returns:
+        float32 CPU tensor ``(B, H, W)`` (bilinear upsampling of the ``h x w`` map), and with
+        ``return_labels`` the explained output indices.
+    """
+    if layer is None:
+        layer = gradcam_layer(model)[1]
+    images = _to_model(model, images)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda module, args, output: captured.append(output))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            # an input that needs grad: a graph to the feature map even where the weights are frozen
+            x = images.detach().clone().requires_grad_(True)
+            logits = model(x)
+            if not captured or captured[-1].dim() != 4:
+                got = list(captured[-1].shape) if captured else "no output"
+                raise ValueError(f"Grad-CAM needs a (B, K, h, w) feature map from its layer, got {got}")
+            fmap = captured[-1]
+            index = _label_index(model, label, logits.shape[1])
+            chosen = logits.argmax(dim=1) if index is None else torch.full_like(logits[:, 0], index, dtype=torch.long)
+            score = logits.gather(1, chosen[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, fmap)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * fmap.detach().float()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    cam = (_minmax(cam) if normalize else cam).cpu()
+    return (cam, chosen.cpu()) if return_labels else cam
+
+
+def heatmaps(
+    model: nn.Module, images: torch.Tensor, *, method: str = "gradcam", label: Union[int, str, None] = None
+) -> torch.Tensor:
+    """One ``[0, 1]`` heatmap per image by ``method``: what ``qing predict --heatmaps`` and the report draw.
+
+    Args:
+        model: A model (``"rollout"`` and ``"last"`` need a qing ``CNNTransformer``).
+        images: Normalized images ``(B, C, H, W)``.
+        method: ``"gradcam"`` (:func:`grad_cam` for ``label``), ``"rollout"`` or ``"last"``
+            (:func:`class_token_heatmap`; not class-specific, ``label`` must be ``None``).
+        label: Grad-CAM's output (index or name; ``None``: the highest logit per image).
+
+    Returns:
+        float32 CPU tensor ``(B, H, W)``.
+    """
+    if method not in EXPLAIN_METHODS:
+        raise ValueError(f"method={method!r} is not one of {EXPLAIN_METHODS}")
+    if method == "gradcam":
+        return grad_cam(model, images, label=label)
+    if label is not None:
+        raise ValueError(f"method={method!r} is attention, not class-specific: it takes no label (use 'gradcam')")
+    return class_token_heatmap(model, images, method=method)
 
 
 def feature_maps(
@@ -450,4 +588,94 @@ def save_feature_maps_figure(
         _show(axes[i, 0], _as_rgb(picture), f"image {i}")
         for k in range(maps.shape[1]):
             _show(axes[i, k + 1], maps[i, k].numpy(), f"ch {int(index[i, k])}", cmap="viridis", interpolation="nearest")
+    return save_figure(fig, path)
+
+
+def _output_name(model: nn.Module, index: int) -> str:
+    names = list((getattr(model, "pretrained_cfg", None) or {}).get("label_names") or ())
+    return str(names[index]) if index < len(names) and names[index] else f"output {index}"
+
+
+def save_gradcam_overlays(
+    model: nn.Module,
+    images: torch.Tensor,
+    path: PathLike,
+    *,
+    label: Union[int, str, None] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    titles: Optional[Sequence[str]] = None,
+    alpha: float = 0.45,
+) -> Path:
+    """A row of inputs above a row of their Grad-CAM overlays (the report's ``gradcam.png``).
+
+    Args:
+        model: A model :func:`grad_cam` works on.
+        images: Normalized images ``(B, C, H, W)``.
+        path: PNG file to write.
+        label: The output explained (index or name); ``None``: each image's highest logit.
+        mean: Normalization mean (default from ``model.pretrained_cfg``).
+        std: Normalization std (default from ``model.pretrained_cfg``).
+        titles: Optional caption per image.
+        alpha: Heatmap opacity.
+
+    Returns:
+        ``path``.
+    """
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles for {len(images)} images")
+    mean, std = _mean_std(model, mean, std)
+    cams, chosen = grad_cam(model, images, label=label, return_labels=True)
+    pictures = denormalize(images, mean, std)
+    title = "Grad-CAM at the last CNN stage: regions raising the named output's logit"
+    fig, axes = _image_grid(2, len(images), cell_w=2.2, cell_h=2.3, title=title)
+    for i, (picture, cam) in enumerate(zip(pictures, cams)):
+        _show(axes[0, i], _as_rgb(picture), titles[i] if titles is not None else f"image {i}")
+        _show(axes[1, i], overlay(picture, cam, alpha=alpha), f"Grad-CAM: {_output_name(model, int(chosen[i]))}")
+    return save_figure(fig, path)
+
+
+def save_gradcam_figure(
+    model: nn.Module,
+    image: torch.Tensor,
+    path: PathLike,
+    *,
+    labels: Optional[Sequence[Union[int, str]]] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    alpha: float = 0.45,
+) -> Path:
+    """One image's Grad-CAM for one or more outputs, beside its attention rollout (``qing explain --method gradcam``).
+
+    Panels: the input, one Grad-CAM overlay per output of ``labels``, and, for a qing
+    ``CNNTransformer``, the class-token attention rollout (not class-specific) for comparison.
+
+    Args:
+        model: A model :func:`grad_cam` works on.
+        image: One normalized image ``(C, H, W)`` or ``(1, C, H, W)``.
+        path: PNG file to write.
+        labels: Outputs to explain (indices or names); default: the highest logit.
+        mean: Normalization mean (default ``model.pretrained_cfg["mean"]``).
+        std: Normalization std (default ``model.pretrained_cfg["std"]``).
+        alpha: Heatmap opacity.
+
+    Returns:
+        ``path``.
+    """
+    batch = image.unsqueeze(0) if image.dim() == 3 else image
+    if batch.dim() != 4 or batch.shape[0] != 1:
+        raise ValueError(f"save_gradcam_figure takes one image (C, H, W), got shape {list(image.shape)}")
+    mean, std = _mean_std(model, mean, std)
+    picture = denormalize(batch[0], mean, std)
+    panels = [("input", _as_rgb(picture))]
+    for label in labels or [None]:
+        cam, chosen = grad_cam(model, batch, label=label, return_labels=True)
+        panels.append((f"Grad-CAM: {_output_name(model, int(chosen[0]))}", overlay(picture, cam[0], alpha=alpha)))
+    if hasattr(model, "forward_attention") and getattr(model, "feat_stride", None):
+        rollout = class_token_heatmap(model, batch)[0]
+        panels.append(("attention rollout (any class)", overlay(picture, rollout, alpha=alpha)))
+    title = "Grad-CAM (class-specific) at the last CNN stage; a heuristic, not a causal proof"
+    fig, axes = _image_grid(1, len(panels), cell_w=2.6, cell_h=2.7, title=title)
+    for ax, (caption, shown) in zip(axes[0], panels):
+        _show(ax, shown, caption)
     return save_figure(fig, path)

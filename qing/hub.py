@@ -4,10 +4,10 @@ A saved model is a folder (or a Hub repo) of three files:
 
 - ``model.safetensors``: the state dict (never a pickle);
 - ``config.json``: timm's config (``architecture``, ``num_classes``, ``label_names``, ``model_args``,
-  ``pretrained_cfg`` with ``mean``/``std``/``input_size``), plus ``model.qing_meta`` (task, decision
-  thresholds, metrics, datasets) under the ``"qing"`` key and transformers' ``problem_type``
-  (``multi_label_classification`` for the sigmoid tasks, so ``pipeline("image-classification")``
-  applies a sigmoid per label);
+  ``pretrained_cfg`` with ``mean``/``std``/``input_size``), plus ``model.qing_meta`` (task, calibration
+  temperatures, decision thresholds, metrics, datasets) under the ``"qing"`` key and transformers'
+  ``problem_type`` (``multi_label_classification`` for the sigmoid tasks, so
+  ``pipeline("image-classification")`` applies a sigmoid per label);
 - ``README.md``: a model card (see [qing.model_card][]).
 
 Writing goes through timm's ``save_for_hf`` and ``huggingface_hub.HfApi``; reading through timm's own
@@ -263,8 +263,10 @@ def _write_model_folder(
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     num_classes = int(model.num_classes)
     meta = get_meta(model)
-    if meta.thresholds is not None and len(meta.thresholds) != num_classes:
-        raise ValueError(f"model.qing_meta has {len(meta.thresholds)} thresholds for {num_classes} outputs")
+    for name in ("thresholds", "temperatures"):
+        values = getattr(meta, name)
+        if values is not None and len(values) != num_classes:
+            raise ValueError(f"model.qing_meta has {len(values)} {name} for {num_classes} outputs")
     if meta.task == "binary" and num_classes != 1:
         raise ValueError(f"model.qing_meta.task is 'binary' but the model has {num_classes} outputs (expected 1)")
     model_config: dict[str, Any] = {"qing": _jsonable(meta.to_dict(), "model.qing_meta")}
@@ -692,11 +694,14 @@ def restore_meta(model: nn.Module, source: ModelSource) -> None:
     meta = source.meta
     saved_classes = source.config.get("num_classes")
     if saved_classes is not None and model.num_classes != saved_classes:
-        dropped = [name for name in ("thresholds", "threshold_method", "metrics") if getattr(meta, name)]
+        stale = ("thresholds", "temperatures", "threshold_method", "metrics")
+        dropped = [name for name in stale if getattr(meta, name)]
         keep_task = meta.task if meta.task != "binary" or model.num_classes == 1 else None
         if meta.task and keep_task is None:
             dropped.append("task")
-        meta = dataclasses.replace(meta, task=keep_task, thresholds=None, threshold_method=None, metrics={})
+        meta = dataclasses.replace(
+            meta, task=keep_task, thresholds=None, temperatures=None, threshold_method=None, metrics={}
+        )
         if dropped:
             _logger.warning(
                 "%s was saved with %s outputs, the model has %s: dropped qing metadata %s (it described the old head)",

@@ -1,13 +1,15 @@
-"""What qing keeps with a model beyond timm's ``pretrained_cfg``: task, thresholds, evaluation.
+"""What qing keeps with a model beyond timm's ``pretrained_cfg``: task, calibration, thresholds, evaluation.
 
 timm's ``PretrainedCfg`` describes weights and preprocessing and rejects unknown fields, so
 qing's own facts live in ``model.qing_meta`` (a :class:`ModelMeta`) and in the ``"qing"`` key
-of a saved ``config.json``. ``predict`` applies ``thresholds``; the model card shows ``metrics``.
+of a saved ``config.json``. ``predict`` and ``eval`` divide the logits by ``temperatures`` and apply
+``thresholds`` to the resulting probabilities; the model card shows ``metrics``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +39,11 @@ class ModelMeta:
     Attributes:
         task: One of ``TASKS``, or ``None`` when unknown (inferred from ``num_classes``).
         thresholds: Decision threshold per output on the probability scale, chosen on
-            validation data; ``None`` means 0.5 (sigmoid tasks) or argmax (multiclass).
+            validation data; ``None`` means 0.5 (sigmoid tasks) or argmax (multiclass). With
+            ``temperatures`` they apply to the calibrated probabilities (see :meth:`uncalibrated`).
+        temperatures: Temperature scaling, one positive value per output, fitted on validation data:
+            probabilities are ``sigmoid(logits / T)`` (softmax of ``logits / T`` for multiclass, where
+            all outputs share one value). ``None``: no calibration (``T = 1``).
         threshold_method: How the thresholds were chosen, e.g. ``"youden"`` or ``"sensitivity@0.90"``.
         metrics: Evaluation summary (e.g. test AUROC) for the model card.
         datasets: Names of the datasets the weights were trained on.
@@ -47,6 +53,7 @@ class ModelMeta:
 
     task: Optional[str] = None
     thresholds: Optional[list[float]] = None
+    temperatures: Optional[list[float]] = None
     threshold_method: Optional[str] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
@@ -60,6 +67,31 @@ class ModelMeta:
             bad = [t for t in self.thresholds if not 0.0 <= t <= 1.0]
             if bad:
                 raise ValueError(f"thresholds are probabilities in [0, 1], got {bad}")
+        if self.temperatures is not None:
+            self.temperatures = [float(t) for t in self.temperatures]
+            bad = [t for t in self.temperatures if not (math.isfinite(t) and t > 0.0)]
+            if bad or not self.temperatures:
+                raise ValueError(f"temperatures are finite numbers > 0, one per output; got {self.temperatures}")
+            if self.thresholds is not None and len(self.thresholds) != len(self.temperatures):
+                raise ValueError(f"{len(self.temperatures)} temperatures for {len(self.thresholds)} thresholds")
+
+    def uncalibrated(self) -> ModelMeta:
+        """This metadata without temperature scaling, deciding exactly as before.
+
+        A per-output temperature is a monotone change of the probability, so a threshold ``t`` on the
+        calibrated probability ``sigmoid(z / T)`` is the threshold ``sigmoid(T * logit(t))`` on the plain
+        ``sigmoid(z)``: the returned thresholds are those, and every decision stays the same
+        (multiclass argmax decisions do not depend on one shared temperature).
+
+        Returns:
+            A copy with ``temperatures=None`` and thresholds on the uncalibrated probability scale.
+        """
+        if self.temperatures is None:
+            return dataclasses.replace(self)
+        thresholds = self.thresholds
+        if thresholds is not None:
+            thresholds = [_rescale_threshold(t, temp) for t, temp in zip(thresholds, self.temperatures)]
+        return dataclasses.replace(self, temperatures=None, thresholds=thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict without empty entries."""
@@ -75,6 +107,14 @@ class ModelMeta:
         return cls(**data)
 
 
+def _rescale_threshold(threshold: float, temperature: float) -> float:
+    """``sigmoid(T * logit(t))``: the plain-probability threshold equal to ``t`` on ``sigmoid(z / T)``."""
+    if threshold <= 0.0 or threshold >= 1.0:
+        return threshold
+    z = temperature * math.log(threshold / (1.0 - threshold))
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 def get_meta(model: nn.Module) -> ModelMeta:
     """The model's :class:`ModelMeta` (an empty one if none was set)."""
     meta = getattr(model, "qing_meta", None)
@@ -86,8 +126,9 @@ def set_meta(model: nn.Module, **updates: Any) -> ModelMeta:
 
     Args:
         model: The model; its ``qing_meta`` is replaced.
-        **updates: :class:`ModelMeta` fields. ``thresholds`` takes one probability per output
-            (``model.num_classes``) or a single number for every output; new thresholds without a
+        **updates: :class:`ModelMeta` fields. ``temperatures`` needs one entry per output
+            (``model.num_classes``); ``thresholds`` takes one probability per output or a single
+            number for every output; new thresholds without a
             ``threshold_method`` clear the old method's name (it described the old thresholds).
 
     Returns:
@@ -115,8 +156,10 @@ def set_meta(model: nn.Module, **updates: Any) -> ModelMeta:
     if "thresholds" in updates and "threshold_method" not in updates:
         updates["threshold_method"] = None
     meta = dataclasses.replace(get_meta(model), **updates)
-    if meta.thresholds is not None and num_classes and len(meta.thresholds) != num_classes:
-        raise ValueError(f"{len(meta.thresholds)} thresholds for a model with {num_classes} outputs")
+    for name in ("thresholds", "temperatures"):
+        values = getattr(meta, name)
+        if values is not None and num_classes and len(values) != num_classes:
+            raise ValueError(f"{len(values)} {name} for a model with {num_classes} outputs")
     model.qing_meta = meta
     return meta
 
@@ -134,7 +177,7 @@ def sync_head(model: nn.Module) -> None:
 
     Sets ``pretrained_cfg["num_classes"]`` to ``model.num_classes``; label names that do not number one per
     output become :func:`default_label_names` (none for ``num_classes=0``); thresholds (and the metrics
-    and method that described them) of another output count are dropped. Called after building a model
+    and method that described them) and temperatures of another output count are dropped. Called after building a model
     and by ``reset_classifier``.
     """
     cfg = getattr(model, "pretrained_cfg", None)
@@ -148,8 +191,13 @@ def sync_head(model: nn.Module) -> None:
     elif names is None or len(names) != num_classes:
         cfg["label_names"] = default_label_names(num_classes)
     meta = getattr(model, "qing_meta", None)
-    if isinstance(meta, ModelMeta) and meta.thresholds is not None and len(meta.thresholds) != num_classes:
-        model.qing_meta = dataclasses.replace(meta, thresholds=None, threshold_method=None, metrics={})
+    if not isinstance(meta, ModelMeta):
+        return
+    if meta.thresholds is not None and len(meta.thresholds) != num_classes:
+        meta = dataclasses.replace(meta, thresholds=None, threshold_method=None, metrics={})
+    if meta.temperatures is not None and len(meta.temperatures) != num_classes:
+        meta = dataclasses.replace(meta, temperatures=None)
+    model.qing_meta = meta
 
 
 def model_labels(model: nn.Module) -> list[str]:

@@ -2,9 +2,10 @@
 
 The card is generated from what a loader will see: the ``config.json`` written by timm's
 ``save_for_hf`` (architecture, labels, preprocessing) and qing's metadata under its ``"qing"``
-key (task, decision thresholds, evaluation metrics, datasets). The YAML header is built with
-``huggingface_hub.ModelCardData``, so the Hub indexes library, license, tags, datasets and metrics.
-The text is deterministic (no dates), so the same model and fields always give the same card.
+key (task, calibration temperatures, decision thresholds, evaluation metrics with their intervals,
+datasets). The YAML header is built with ``huggingface_hub.ModelCardData``, so the Hub indexes library,
+license, tags, datasets and metrics. The text is deterministic (no dates), so the same model and fields
+always give the same card.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ _NOT_SUMMARY = {
     "task",
     "notes",
     "per_label",
+    "calibration",
+    "calibration_bins",
+    "confidence",
 }
 _PRETTY = {
     "roc_auc": "ROC AUC",
@@ -50,8 +54,16 @@ _PRETTY = {
     "recall": "Recall",
     "sensitivity": "Sensitivity",
     "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
     "f1": "F1",
+    "ece": "ECE (15 bins)",
+    "ece_equal_mass": "ECE, equal-mass bins",
+    "ece_uncalibrated": "ECE before temperature scaling",
+    "brier": "Brier score",
+    "temperature": "Temperature",
     "n_samples": "Samples",
+    "n_test": "Test images",
     "n_positive": "Positives",
     "n_negative": "Negatives",
     "threshold": "Threshold",
@@ -60,12 +72,17 @@ _PER_LABEL_COLUMNS = (
     "n_positive",
     "n_negative",
     "threshold",
+    "temperature",
     "roc_auc",
     "pr_auc",
     "sensitivity",
     "specificity",
+    "ppv",
+    "npv",
     "precision",
     "f1",
+    "ece",
+    "brier",
 )
 
 
@@ -145,7 +162,8 @@ def generate_model_card(
     parts = [f"---\n{card_data.to_yaml()}\n---\n", f"# {name}\n"]
     parts.append((description or _default_description(architecture, task, num_classes, label_names)).strip() + "\n")
     parts.append(_NOT_A_MEDICAL_DEVICE)
-    parts.append(_usage(model_id, task, pretrained_cfg, bool(label_names)))
+    calibrated = bool(qing.get("temperatures")) and task != "multiclass"
+    parts.append(_usage(model_id, task, pretrained_cfg, bool(label_names), calibrated))
     parts.append(_labels_section(label_names, num_classes, task, qing))
     parts.append(_preprocessing(pretrained_cfg))
     parts.append(_evaluation(summary, metrics, all_datasets))
@@ -212,11 +230,20 @@ def _default_description(architecture: str, task: Optional[str], num_classes: in
     )
 
 
-def _usage(model_id: str, task: Optional[str], pretrained_cfg: Mapping[str, Any], has_labels: bool) -> str:
+def _usage(
+    model_id: str, task: Optional[str], pretrained_cfg: Mapping[str, Any], has_labels: bool, calibrated: bool = False
+) -> str:
     mode = "L" if int((pretrained_cfg.get("input_size") or (3,))[0]) == 1 else "RGB"
     names = 'model.pretrained_cfg["label_names"]' if has_labels else "[str(i) for i in range(model.num_classes)]"
     if task == "multiclass":
         decide = f"probs = logits.softmax(dim=-1)[0]\nprint({names}[int(probs.argmax())], probs.max().item())"
+    elif calibrated:
+        decide = (
+            "probs = model_probabilities(model, logits)[0]  # sigmoid(logits / T): the calibrated probabilities\n"
+            "for name, p, t in zip("
+            f"{names}, probs, model.qing_meta.thresholds or [0.5] * model.num_classes):\n"
+            "    print(f\"{name}: {p:.3f} ({'positive' if p >= t else 'negative'} at threshold {t:.3f})\")"
+        )
     else:
         comment = "  # one sigmoid per output" + ("" if task else " (use softmax if the labels are exclusive)")
         decide = (
@@ -231,7 +258,9 @@ def _usage(model_id: str, task: Optional[str], pretrained_cfg: Mapping[str, Any]
         "import qing\n"
         "import torch\n"
         "from PIL import Image\n"
-        "from timm.data import create_transform, resolve_data_config\n\n"
+        "from timm.data import create_transform, resolve_data_config\n"
+        + ("from qing.evaluate import model_probabilities\n" if calibrated else "")
+        + "\n"
         f'model = qing.create_model("{model_id}", pretrained=True).eval()\n'
         "transform = create_transform(**resolve_data_config({}, model=model))  # resize + normalize, see below\n\n"
         f'image = Image.open("chest_xray.png").convert("{mode}")\n'
@@ -247,13 +276,22 @@ def _usage(model_id: str, task: Optional[str], pretrained_cfg: Mapping[str, Any]
 
 def _labels_section(label_names: list[str], num_classes: int, task: Optional[str], qing: Mapping[str, Any]) -> str:
     thresholds = qing.get("thresholds")
+    temperatures = qing.get("temperatures")
     lines = ["## Labels and decision thresholds\n"]
+    if temperatures:
+        lines.append(
+            "The probabilities are calibrated by temperature scaling fitted on validation data: each output's "
+            "logit is divided by its temperature T before the sigmoid (softmax for multi-class), which "
+            "`qing.evaluate.model_probabilities`, `qing predict` and `qing eval` do (`--no-calibration` or "
+            "`qing.from_pretrained(..., calibration=False)` turn it off and keep every decision).\n"
+        )
     if task == "multiclass":
         lines.append("Multi-class: the prediction is the class with the highest softmax probability.\n")
     elif thresholds:
         method = qing.get("threshold_method") or "not recorded"
+        scale = "calibrated probability (`sigmoid(logit / T)`)" if temperatures else "sigmoid probability"
         lines.append(
-            "An output counts as positive when its sigmoid probability is at least its threshold. The "
+            f"An output counts as positive when its {scale} is at least its threshold. The "
             f"thresholds were chosen on validation data (method: {method}); re-check them on your own data.\n"
         )
     else:
@@ -263,7 +301,8 @@ def _labels_section(label_names: list[str], num_classes: int, task: Optional[str
     if not label_names:
         lines.append(f"Label names were not recorded for the {num_classes} output(s).\n")
         return "\n".join(lines)
-    rows = ["| Output | Label | Threshold |", "|---:|---|---:|"]
+    rows = ["| Output | Label | Threshold |" + (" Temperature |" if temperatures else ""), "|---:|---|---:|"]
+    rows[1] += "---:|" if temperatures else ""
     for i, label in enumerate(label_names):
         if task == "multiclass":
             t = "argmax"
@@ -271,7 +310,7 @@ def _labels_section(label_names: list[str], num_classes: int, task: Optional[str
             t = _fmt4(thresholds[i])
         else:
             t = "0.5 (default)"
-        rows.append(f"| {i} | {label} | {t} |")
+        rows.append(f"| {i} | {label} | {t} |" + (f" {_fmt4(temperatures[i])} |" if temperatures else ""))
     lines.append("\n".join(rows) + "\n")
     return "\n".join(lines)
 
@@ -309,7 +348,7 @@ def _evaluation(summary: list[tuple[str, Any]], metrics: Mapping[str, Any], data
     lines = ["## Evaluation\n"]
     where = f" on {', '.join(datasets)}" if datasets else ""
     lines.append(f"Metrics recorded with the weights{where} (`model.qing_meta.metrics`):\n")
-    confidence = (metrics.get("roc_auc_bootstrap") or {}).get("confidence") if isinstance(metrics, Mapping) else None
+    confidence = metrics.get("confidence") or (metrics.get("roc_auc_bootstrap") or {}).get("confidence")
     ci_name = f"{round(confidence * 100)}% CI" if isinstance(confidence, (int, float)) else "CI"
     if summary:
         rows = ["| Metric | Value |", "|---|---:|"]
@@ -331,11 +370,11 @@ def _evaluation(summary: list[tuple[str, Any]], metrics: Mapping[str, Any], data
             cells = []
             for c in columns:
                 text = _fmt4(row.get(c))
-                if c == "roc_auc" and _is_interval(row.get("roc_auc_ci")):
-                    text += f" ({_fmt4(row['roc_auc_ci'][0])} to {_fmt4(row['roc_auc_ci'][1])})"
+                if _is_interval(row.get(f"{c}_ci")):
+                    text += f" ({_fmt4(row[c + '_ci'][0])} to {_fmt4(row[c + '_ci'][1])})"
                 cells.append(text)
             rows.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-        lines.append("Per label:\n\n" + "\n".join(rows) + "\n")
+        lines.append(f"Per label (with {ci_name} where there is one):\n\n" + "\n".join(rows) + "\n")
     notes = metrics.get("notes")
     if isinstance(notes, list) and notes:
         lines.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
@@ -419,7 +458,14 @@ def _is_interval(value: Any) -> bool:
 
 
 def _pretty_key(key: str) -> str:
-    return " / ".join(_PRETTY.get(part, part) for part in key.split("/"))
+    """``roc_auc -> ROC AUC``, ``test_roc_auc -> ROC AUC (test)``, ``a/b -> A / B``."""
+
+    def pretty(part: str) -> str:
+        if part.startswith("test_") and part[5:] in _PRETTY:
+            return f"{_PRETTY[part[5:]]} (test)"
+        return _PRETTY.get(part, part)
+
+    return " / ".join(pretty(part) for part in key.split("/"))
 
 
 def _fmt4(value: Any) -> str:

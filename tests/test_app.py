@@ -26,7 +26,6 @@ from qing.cli import main
 from qing.cli._app_results import (
     ModelStore,
     analyze,
-    grad_cam_available,
     model_config,
     model_summary,
     parse_size,
@@ -117,7 +116,6 @@ def test_the_model_input_picture_is_the_preprocessed_image(model_dir, real_image
     assert np.abs(shown.astype(float) - expected).max() <= 1
 
 
-@pytest.mark.skipif(not grad_cam_available(), reason="this tree has no qing.explain.grad_cam yet (issue 15)")
 def test_grad_cam_for_the_chosen_label(model_dir, real_images):
     loaded = load_model(str(model_dir), device=CPU)
     analysis = analyze(loaded, real_images[:2], grad_cam_label=0)

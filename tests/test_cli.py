@@ -65,11 +65,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def model_probabilities(model_dir: Path, paths: list[Path]) -> list[float]:
-    """sigmoid(model(x)) of a binary model folder on each image, one at a time, in this process."""
+    """The calibrated probability (sigmoid(logit / T)) of a binary model folder on each image, one at a time."""
     model = qing.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
     transform = build_transforms(model, train=False)
     with one_thread(), torch.no_grad():
-        return [float(torch.sigmoid(model(transform(load_image(p, channels=3))[None]))[0, 0]) for p in paths]
+        logits = torch.cat([model(transform(load_image(p, channels=3))[None]) for p in paths])
+    return [float(p) for p in qing.evaluate.model_probabilities(model, logits.numpy())[:, 0]]
 
 
 # ---- qing demo -------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def _check_eval(work: Path) -> None:
         assert (ev / name).stat().st_size > 0, name
 
     rows = read_csv(ev / "predictions.csv")
-    assert len(rows) == 200 and list(rows[0]) == ["path", "target_PNEUMONIA", "prob_PNEUMONIA"]
+    assert len(rows) == 200 and list(rows[0]) == ["path", "target_PNEUMONIA", "prob_PNEUMONIA", "positive_PNEUMONIA"]
     targets = [int(r["target_PNEUMONIA"]) for r in rows]
     assert targets == [int(Path(r["path"]).parent.name == "PNEUMONIA") for r in rows]
     probs = [float(r["prob_PNEUMONIA"]) for r in rows]

@@ -8,15 +8,20 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import save_file
 
 import qing
 from qing.cli import build_parser, main
 from qing.data import DataConfig, build_transforms, load_image
+from qing.evaluate import DEFAULT_TTA_VIEWS, augment, compare
 from qing.meta import set_meta
 from qing.train import TrainConfig
 from tests.make_fake_data import write_class_folders
@@ -68,7 +73,10 @@ def test_predict_json_on_stdout_and_the_table(work, capsys):
     got = [p["probabilities"]["opacity"] for p in document["predictions"]]
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert [p["positive"] for p in document["predictions"]] == [["opacity"] if p >= 0.3 else [] for p in got]
-    assert captured.err == "qing: 2 image(s) predicted; thresholds: 0.3 (stored with the model, youden)\n"
+    assert captured.err == (
+        "qing: 2 image(s) predicted; calibration: none (the model has no stored temperatures); "
+        "thresholds: 0.3 (stored with the model, youden)\n"
+    )
 
     assert main(["predict", "model", images[0], "--threshold", "0"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -261,7 +269,8 @@ def test_predict_never_overwrites_and_keeps_going(work, capsys, tmp_path):
     assert rows[-1] == f"{tmp_path / 'empty.png'},,,the file is empty (0 bytes)"
     assert _error(capsys).splitlines() == [
         f"qing: skipped {tmp_path / 'empty.png'}: the file is empty (0 bytes)",
-        f"qing: 2 image(s) predicted -> {output}; thresholds: 0.3 (stored with the model, youden)",
+        f"qing: 2 image(s) predicted -> {output}; calibration: none (the model has no stored temperatures); "
+        "thresholds: 0.3 (stored with the model, youden)",
         "qing: error: 1 of 3 input(s) could not be read (listed above)",
     ]
 
@@ -345,3 +354,148 @@ def test_eval_multilabel_from_csv_columns_and_a_list_file(work, capsys, tmp_path
     first = read_csv(tmp_path / "ev2" / "predictions.csv")[0]
     same_image = [float(predicted[0][f"prob_{n}"]) for n in labels]  # in a batch of 16 there, of 5 here
     assert [float(first[f"prob_{n}"]) for n in labels] == pytest.approx(same_image, rel=1e-5, abs=1e-6)
+
+
+# ---- calibration, test-time augmentation, Grad-CAM, compare ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(model_dir):
+    """The fixture's model again, saved with temperature 2.5 and threshold 0.45 on the calibrated probability."""
+    model = qing.create_model("local-dir:" + str(model_dir / "model"), pretrained=True).eval()
+    set_meta(model, temperatures=[2.5], thresholds=[0.45])
+    qing.save_pretrained(model, model_dir / "calibrated", data_config={"input_size": (3, 64, 64)})
+    return model
+
+
+def _logits(model, paths):
+    transform = build_transforms(model, train=False)
+    with one_thread(), torch.no_grad():
+        return torch.cat([model(transform(load_image(p))[None]) for p in paths])[:, 0]
+
+
+def test_predict_and_eval_apply_the_stored_temperature_and_keep_decisions_without_it(work, capsys, calibrated):
+    images = _images(work)
+    z = _logits(calibrated, images)
+    assert main(["predict", "calibrated", *images, "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert document["temperatures"] == [2.5] and document["thresholds"] == [0.45]
+    got = [p["probabilities"]["opacity"] for p in document["predictions"]]
+    assert got == pytest.approx(torch.sigmoid(z / 2.5).tolist(), rel=1e-5)
+    assert "calibration: temperature scaling stored with the model (T = 2.5)" in captured.err
+
+    assert main(["predict", "calibrated", *images, "--format", "json", "--no-calibration"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    moved = 1 / (1 + math.exp(-2.5 * math.log(0.45 / 0.55)))  # sigmoid(T logit(t))
+    assert plain["temperatures"] is None and plain["thresholds"] == pytest.approx([moved])
+    assert [p["probabilities"]["opacity"] for p in plain["predictions"]] == pytest.approx(
+        torch.sigmoid(z).tolist(), rel=1e-5
+    )
+    assert [p["positive"] for p in plain["predictions"]] == [p["positive"] for p in document["predictions"]]
+
+    assert main(["eval", "calibrated", "images", "-o", "ev-cal", "--n-bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "(temperature scaling stored with the model (T = 2.5))" in out
+    metrics = json.loads((work / "ev-cal" / "metrics.json").read_text())
+    assert metrics["calibration"]["temperatures"] == [2.5]
+    assert metrics["calibration"]["source"] == "stored with the model"
+    assert metrics["thresholds"] == [0.45] and metrics["per_label"][0]["temperature"] == 2.5
+    rows = read_csv(work / "ev-cal" / "predictions.csv")
+    assert list(rows[0]) == ["path", "target_opacity", "prob_opacity", "positive_opacity"]
+    assert [int(r["positive_opacity"]) for r in rows] == [int(float(r["prob_opacity"]) >= 0.45) for r in rows]
+    assert sorted(p.name for p in (work / "ev-cal").glob("*.png")) == [
+        "attention.png", "confusion_matrix.png", "feature_maps.png", "gradcam.png", "pr.png", "reliability.png",
+        "roc.png",
+    ]  # fmt: skip
+
+
+def test_tta_averages_seven_views(work, capsys, calibrated):
+    images = _images(work)
+    assert main(["predict", "calibrated", *images, "--format", "json", "--tta", "--no-calibration"]) == 0
+    got = [p["probabilities"]["opacity"] for p in json.loads(capsys.readouterr().out)["predictions"]]
+    transform = build_transforms(calibrated, train=False)
+    x = torch.stack([transform(load_image(p)) for p in images])
+    with one_thread(), torch.no_grad():
+        expected = torch.stack([torch.sigmoid(calibrated(augment(x, v))) for v in DEFAULT_TTA_VIEWS]).mean(0)
+    assert got == pytest.approx(expected[:, 0].tolist(), rel=1e-5)
+    assert main(["eval", "calibrated", "images", "-o", "ev-tta", "--tta", "--n-bootstrap", "0"]) == 0
+    notes = json.loads((work / "ev-tta" / "metrics.json").read_text())["notes"]
+    assert any(n.startswith("Test-time augmentation: probabilities averaged over 7 views") for n in notes)
+
+
+def test_explain_and_predict_gradcam(work, capsys):
+    image = _images(work)[1]
+    assert main(["explain", "model", image, "--method", "gradcam", "--label", "opacity", "-o", "cam.png"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "Grad-CAM figure: cam.png"
+    assert Image.open(work / "cam.png").size[0] > 3 * Image.open(work / "cam.png").size[1] - 200  # 3 panels
+    assert main(["explain", "model", image, "--label", "opacity"]) == 1
+    assert _error(capsys) == (
+        "qing: error: --label chooses the outputs Grad-CAM explains; add --method gradcam (attention has no label)\n"
+    )
+    assert main(["explain", "model", image, "--method", "gradcam", "--label", "nodule", "-o", "never.png"]) == 1
+    assert _error(capsys) == "qing: error: --label 'nodule' is not one of the model's outputs: opacity\n"
+    assert main(["predict", "model", image, "--heatmaps", "cams", "--heatmap-method", "gradcam"]) == 0
+    capsys.readouterr()
+    heatmap = work / "cams" / (image.rsplit("/", 1)[1].split(".")[0] + ".png")
+    assert Image.open(heatmap).size == (64, 64)
+    assert main(["predict", "model", image, "--heatmap-label", "opacity"]) == 1
+    assert _error(capsys) == (
+        "qing: error: --heatmap-label chooses the output Grad-CAM explains; add --heatmap-method gradcam\n"
+    )
+
+
+def test_compare_two_models_and_their_prediction_csvs(work, capsys, calibrated, tmp_path):
+    other = qing.create_model("qing_test_tr1", num_classes=1).eval()
+    set_meta(other, task="binary", thresholds=[0.5])
+    qing.save_pretrained(other, tmp_path / "other", label_names=["opacity"], data_config={"input_size": (3, 64, 64)})
+    write_class_folders(tmp_path / "test", {"normal": 4, "opacity": 4}, size=64)
+    data = str(tmp_path / "test")
+    argv = ["compare", "calibrated", str(tmp_path / "other"), data, "-o", str(tmp_path / "cmp"), "--n-bootstrap", "50"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "calibrated (A) vs other (B) on 8 images"
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert (saved["model_a"], saved["model_b"], saved["n_samples"]) == ("calibrated", "other", 8)
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
+        "comparison.json", "report.html", "report.md", "roc_comparison.png",
+    ]  # fmt: skip
+
+    # the same numbers by hand: both models' probabilities on the same images, in path order
+    paths = sorted(str(p) for p in (tmp_path / "test").rglob("*.png"))
+    y = np.array([int("/opacity/" in p) for p in paths])
+    pa = torch.sigmoid(_logits(calibrated, paths) / 2.5).numpy()
+    other = qing.create_model(f"local-dir:{tmp_path / 'other'}", pretrained=True).eval()  # its 64 px preprocessing
+    pb = torch.sigmoid(_logits(other, paths)).numpy()
+    expected = compare(
+        y, pa, pb, task="binary", label_names=["opacity"], thresholds_a=[0.45], thresholds_b=[0.5],
+        names=("calibrated", "other"), n_bootstrap=50,
+    )  # fmt: skip
+    row, want = saved["per_label"][0], expected.per_label[0]
+    assert row["auroc_a"] == pytest.approx(want["auroc_a"]) and row["auroc_b"] == pytest.approx(want["auroc_b"])
+    assert row["delong"]["p_value"] == pytest.approx(want["delong"]["p_value"], rel=1e-4)
+    assert row["bootstrap"]["ci"] == pytest.approx(want["bootstrap"]["ci"], rel=1e-4)
+    assert row["mcnemar"] == pytest.approx(want["mcnemar"])
+
+    # two qing eval outputs: no DATA needed, the same comparison
+    for name in ("calibrated", str(tmp_path / "other")):
+        out = tmp_path / f"ev-{Path(name).name}"
+        assert main(["eval", name, data, "-o", str(out), "--n-bootstrap", "0"]) == 0
+    capsys.readouterr()
+    csvs = [str(tmp_path / "ev-calibrated" / "predictions.csv"), str(tmp_path / "ev-other" / "predictions.csv")]
+    assert main(["compare", *csvs, "-o", str(tmp_path / "cmp2"), "--n-bootstrap", "50"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "ev-calibrated (A) vs ev-other (B) on 8 images"
+    again = json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["per_label"][0]
+    assert again["delong"]["p_value"] == pytest.approx(row["delong"]["p_value"], rel=1e-4)
+    assert again["mcnemar"]["only_a_right"] == row["mcnemar"]["only_a_right"]
+
+    assert main(["compare", "calibrated", csvs[1], "-o", str(tmp_path / "cmp3")]) == 1
+    assert _error(capsys) == (
+        "qing: error: give DATA (the labelled images) to run a model on; only two qing eval CSVs can do without\n"
+    )
+    (tmp_path / "bad.csv").write_text("file,score\na.png,0.3\n")
+    assert main(["compare", str(tmp_path / "bad.csv"), csvs[1], "-o", str(tmp_path / "cmp4")]) == 1
+    assert _error(capsys) == (
+        f"qing: error: {tmp_path / 'bad.csv'} is not a qing predictions CSV: it needs a 'path' column and "
+        "prob_<label> columns (found file, score)\n"
+    )

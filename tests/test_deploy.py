@@ -36,20 +36,26 @@ from tests.train_helpers import one_thread
 SIZE = 64
 CASES = {
     "binary": dict(num_classes=1, in_chans=3, labels=["PNEUMONIA"], task="binary", thresholds=[0.3]),
-    "multilabel": dict(
-        num_classes=3, in_chans=3, labels=["Effusion", "Mass", "Hernia"], task="multilabel", thresholds=[0.5, 0.4, 0.2]
+    "multilabel": dict(  # calibrated: the ONNX file carries the temperatures its thresholds were chosen with
+        num_classes=3,
+        in_chans=3,
+        labels=["Effusion", "Mass", "Hernia"],
+        task="multilabel",
+        thresholds=[0.5, 0.4, 0.2],
+        temperatures=[1.5, 0.8, 2.0],
     ),
     "one-channel": dict(num_classes=1, in_chans=1, labels=["PNEUMONIA"], task="binary", thresholds=None),
 }
 
 
-def _save_model(folder, *, num_classes, in_chans, labels, task, thresholds, seed=0):
+def _save_model(folder, *, num_classes, in_chans, labels, task, thresholds, temperatures=None, seed=0):
     torch.manual_seed(seed)
     model = qing.create_model("qing_test_tr1", num_classes=num_classes, in_chans=in_chans).eval()
     randomize_batchnorm(model)
     with torch.no_grad():
         model.get_classifier().bias.uniform_(-2, 2)  # probabilities away from 0.5, so decisions differ
-    set_meta(model, task=task, thresholds=thresholds, threshold_method="youden" if thresholds else None)
+    method = "youden" if thresholds else None
+    set_meta(model, task=task, thresholds=thresholds, threshold_method=method, temperatures=temperatures)
     qing.save_pretrained(model, folder, label_names=labels, data_config={"input_size": (in_chans, SIZE, SIZE)})
     return qing.create_model(f"local-dir:{folder}", pretrained=True).eval()
 
@@ -243,7 +249,7 @@ def test_eval_with_onnx_writes_the_same_report(exported, pneumonia_200, tmp_path
             )
         assert code == 0
         outputs[key] = (json.loads((out / "metrics.json").read_text()), read_csv(out / "predictions.csv"), out)
-    assert "qing: note: the report has no attention or feature-map figures" in capsys.readouterr().err
+    assert "qing: note: the report has no Grad-CAM, attention or feature-map figures" in capsys.readouterr().err
     metrics, rows, _ = outputs.pop("torch")
     assert metrics["n_samples"] == 200
     for key, (other_metrics, other_rows, out) in outputs.items():
@@ -254,7 +260,7 @@ def test_eval_with_onnx_writes_the_same_report(exported, pneumonia_200, tmp_path
         probs = np.array([float(r["prob_PNEUMONIA"]) for r in other_rows])
         assert np.abs(probs - [float(r["prob_PNEUMONIA"]) for r in rows]).max() <= 1e-4
         files = {p.name for p in out.iterdir()}
-        figures = {"attention.png", "feature_maps.png"} if key == "onnx" else set()  # drawn by the PyTorch model
+        figures = {"attention.png", "feature_maps.png", "gradcam.png"} if key == "onnx" else set()  # PyTorch's
         assert files == {p.name for p in (tmp_path / "torch").iterdir()} - figures
 
 
@@ -268,8 +274,9 @@ def test_runtime_flags_that_do_not_fit_say_why(exported, pneumonia_200, tmp_path
         ),
         ("predict", str(path), image, "--runtime", "torch"): "--runtime torch needs a PyTorch model",
         ("predict", str(path), image, "--heatmaps", str(tmp_path / "h")): (
-            "--heatmaps needs the PyTorch model: attention maps are not part of the ONNX graph"
+            "--heatmaps needs the PyTorch model: Grad-CAM and attention maps are not part of the ONNX graph"
         ),
+        ("predict", str(path), image, "--tta"): "--tta: PyTorch runtime options, not onnxruntime's",
         ("predict", str(folder), image, "--runtime", "onnx", "--heatmaps", str(tmp_path / "h")): (
             "--heatmaps runs on the PyTorch model; drop --runtime onnx"
         ),

@@ -18,6 +18,7 @@ from qing.evaluate import (
     collect_logits,
     compute_metrics,
     evaluate_logits,
+    fit_temperatures,
     iter_logits,
     probabilities,
     resolve_device,
@@ -157,18 +158,31 @@ def test_evaluate_logits_equals_choose_thresholds_and_compute_metrics(task, name
         negative_label=negative,
     )
     val_y = val_targets.numpy().astype(np.int64)
+    # calibrated on validation first, then the thresholds chosen on the calibrated probabilities
+    temperatures = fit_temperatures(val_logits.numpy(), val_y, task=task, label_names=names)
     expected_thresholds = choose_thresholds(
-        val_y, probabilities(val_logits.numpy(), task), task=task, method=method,
+        val_y, probabilities(val_logits.numpy(), task, temperatures), task=task, method=method,
         target_sensitivity=target_sensitivity, label_names=names,
     )  # fmt: skip
-    y, probs = targets.numpy().astype(np.int64), probabilities(logits.numpy(), task)
+    y, probs = targets.numpy().astype(np.int64), probabilities(logits.numpy(), task, temperatures)
     name = threshold_method_name(method, target_sensitivity) if expected_thresholds else None
     expected = compute_metrics(
         y, probs, task=task, label_names=names, thresholds=expected_thresholds or None, threshold_method=name,
         n_bootstrap=50, seed=3, negative_label=negative,
     )  # fmt: skip
+    assert result.temperatures == temperatures
     assert result.thresholds == expected_thresholds and result.threshold_method == name
-    assert result.metrics == expected
+    for row, temperature in zip(expected["per_label"], temperatures):
+        row["temperature"] = temperature
+    small = "Calibration errors from 80 images in 15 bins (5.3 per bin) are noisy and biased upward"
+    assert result.metrics["notes"][:-1] == expected["notes"] and result.metrics["notes"][-1].startswith(small)
+    assert {k: v for k, v in result.metrics.items() if k not in ("calibration", "notes")} == {
+        k: v for k, v in expected.items() if k != "notes"
+    }
+    assert result.metrics["calibration"]["temperatures"] == temperatures
+    before = compute_metrics(y, probabilities(logits.numpy(), task), task=task, label_names=names, n_bootstrap=0)
+    assert result.metrics["calibration"]["uncalibrated"]["ece"] == pytest.approx(before["ece"])
+    np.testing.assert_array_equal(result.uncalibrated_probs, probabilities(logits.numpy(), task))
     assert np.array_equal(result.targets, y) and result.targets.dtype == np.int64
     np.testing.assert_array_equal(result.probs, probs)
     assert (result.task, result.label_names) == (task, names)
@@ -177,8 +191,17 @@ def test_evaluate_logits_equals_choose_thresholds_and_compute_metrics(task, name
     else:
         assert len(result.thresholds) == c and expected["threshold_method"] == name
 
-    summary = {f"test_{k}": expected[k] for k in SUMMARY_METRICS if isinstance(expected[k], float)}
-    assert result.summary == {**summary, "test_roc_auc_ci": expected["roc_auc_ci"], "n_test": 80}
+    summary = result.summary
+    for key in SUMMARY_METRICS:
+        if isinstance(expected.get(key), float):
+            assert summary[f"test_{key}"] == expected[key]
+            assert summary.get(f"test_{key}_ci") == (expected.get(f"{key}_ci") or None)
+        else:
+            assert f"test_{key}" not in summary
+    assert summary["test_ece_uncalibrated"] == pytest.approx(before["ece"])
+    assert (summary["n_test"], summary["confidence"]) == (80, 0.95)
+    assert [row["label"] for row in summary["per_label"]] == names
+    assert summary["per_label"][0]["roc_auc_ci"] == expected["per_label"][0]["roc_auc_ci"]
 
 
 def test_given_thresholds_default_thresholds_store_report_and_errors(tmp_path):

@@ -128,30 +128,47 @@ def test_multilabel_report_with_attention_and_bad_files(tmp_path):
 
     page = _parse(html_path)
     sources = [img["src"] for img in page.images]
-    expected = ["confusion_matrix.png", "curves.png", "roc.png", "pr.png", "attention.png", "feature_maps.png"]
+    expected = [
+        "confusion_matrix.png", "curves.png", "roc.png", "pr.png", "reliability.png", "gradcam.png", "attention.png",
+        "feature_maps.png",
+    ]  # fmt: skip
     assert sources == expected
     assert all(img["alt"] for img in page.images)
     # 14 labels in a 4 x 4 grid of 3.2 in panels (+0.4 in for titles), 100 dpi
     _png(out / "roc.png", (1280, 1320))
     _png(out / "pr.png", (1280, 1320))
-    for name in ("confusion_matrix.png", "curves.png", "attention.png", "feature_maps.png"):
+    _png(out / "reliability.png", (1280, 1320))
+    for name in ("confusion_matrix.png", "curves.png", "gradcam.png", "attention.png", "feature_maps.png"):
         _png(out / name)
 
     assert page.headings[:3] == ["Summary", "Decision threshold", "Per-label AUROC"]
     assert "Skipped files (2)" in page.headings
     summary, per_label = page.tables[0], page.tables[1]
-    values = dict(summary[1:])
-    assert values["AUROC (mean over labels)"] == f"{metrics['roc_auc']:.3f}"
-    assert values["AUROC 95% CI"] == f"{metrics['roc_auc_ci'][0]:.3f} – {metrics['roc_auc_ci'][1]:.3f}"
+    assert summary[0] == ["metric", "value", "95% CI"]
+    values = {row[0]: row[1:] for row in summary[1:]}
+    ci = metrics["roc_auc_ci"]
+    assert values["AUROC (mean over labels)"] == [f"{metrics['roc_auc']:.3f}", f"{ci[0]:.3f} – {ci[1]:.3f}"]
+    pr_ci = metrics["pr_auc_ci"]
+    assert values["PR-AUC (average precision) (mean over labels)"][1] == f"{pr_ci[0]:.3f} – {pr_ci[1]:.3f}"
+    assert values["ECE, 15 equal-width bins (mean over labels)"] == [f"{metrics['ece']:.3f}", ""]
+    assert values["Brier score (mean over labels)"][0] == f"{metrics['brier']:.3f}"
     assert per_label[0] == [
-        "label", "positives", "negatives", "AUROC", "AUROC CI", "PR-AUC", "threshold", "sensitivity", "specificity",
+        "label", "positives", "negatives", "threshold", "AUROC", "PR-AUC", "sensitivity", "specificity", "PPV", "NPV",
         "note",
     ]  # fmt: skip
     assert [row[0] for row in per_label[1:]] == names
-    assert per_label[1][3] == f"{metrics['per_label'][0]['roc_auc']:.3f}"
+    first = metrics["per_label"][0]
+    low, high = first["roc_auc_ci"]
+    assert per_label[1][4] == f"{first['roc_auc']:.3f} ({low:.3f} – {high:.3f})"
+    low, high = first["sensitivity_ci"]
+    assert per_label[1][6] == f"{first['sensitivity']:.3f} ({low:.3f} – {high:.3f})"
     hernia = per_label[14]
-    assert hernia[1:4] == ["0", "120", "undefined"] and hernia[6] == "0.9"
-    assert hernia[9] == "only negative targets (120 samples): AUROC and PR-AUC undefined"
+    assert hernia[1:5] == ["0", "120", "0.9", "undefined"]
+    assert hernia[6] == "undefined"  # no positives: no sensitivity, no interval
+    assert hernia[10] == "only negative targets (120 samples): AUROC and PR-AUC undefined"
+    calibration = page.tables[2]  # no temperatures: ECE, equal-mass ECE and Brier per label
+    assert calibration[0] == ["label", "ECE", "ECE (equal-mass)", "Brier"]
+    assert calibration[1] == [names[0], *(f"{first[k]:.3f}" for k in ("ece", "ece_equal_mass", "brier"))]
     text = "".join(page.text)
     assert "Decision thresholds per label (see the table): chosen on validation data by Youden's J" in text
     assert "data/train/NORMAL/broken.png: truncated file" in text
@@ -161,7 +178,7 @@ def test_multilabel_report_with_attention_and_bad_files(tmp_path):
     md = (out / "report.md").read_text()
     assert md.startswith("# NIH <test> run\n")
     assert all(f"]({name})" in md for name in expected)
-    assert f"| Hernia | 0 | 120 | undefined | undefined | undefined | 0.9 | undefined | {hernia[8]} |" in md
+    assert f"| Hernia | 0 | 120 | 0.9 | undefined | undefined | undefined | {hernia[7]} |" in md
     assert "- data/train/NORMAL/empty.png: zero bytes" in md
     assert DISCLAIMER in md
 
@@ -175,7 +192,7 @@ def test_binary_report_without_model_or_history(tmp_path):
     )  # fmt: skip
     path = write_report(tmp_path, metrics=metrics, targets=y, probs=p, label_names=["PNEUMONIA"], task="binary")
     page = _parse(path)
-    assert [img["src"] for img in page.images] == ["confusion_matrix.png", "roc.png", "pr.png"]
+    assert [img["src"] for img in page.images] == ["confusion_matrix.png", "roc.png", "pr.png", "reliability.png"]
     assert not (tmp_path / "attention.png").exists() and not (tmp_path / "curves.png").exists()
     # at t=0.4: TN=3 FP=1 FN=0 TP=4
     assert page.tables[2] == [
@@ -183,7 +200,14 @@ def test_binary_report_without_model_or_history(tmp_path):
         ["true NORMAL", "3", "1"],
         ["true PNEUMONIA", "0", "4"],
     ]
-    assert dict(page.tables[0][1:])["AUROC"] == "0.938"
+    summary = {row[0]: row[1:] for row in page.tables[0][1:]}
+    assert summary["AUROC"][0] == "0.938"
+    # TP 4 of 4 positives, TN 3 of 4 negatives, PPV 4 of 5, NPV 3 of 3: Wilson intervals
+    assert summary["sensitivity (recall)"] == ["1.000", "0.510 – 1.000"]
+    assert summary["specificity"] == ["0.750", "0.301 – 0.954"]
+    assert summary["PPV (precision)"] == ["0.800", "0.376 – 0.964"]
+    assert summary["NPV"] == ["1.000", "0.439 – 1.000"]
+    assert summary["accuracy"] == ["0.875", "0.529 – 0.978"]
     text = "".join(page.text)
     assert (
         "Decision threshold 0.4: chosen on validation data as the highest threshold reaching sensitivity 0.90" in text

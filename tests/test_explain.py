@@ -5,6 +5,7 @@ import re
 import matplotlib
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -150,5 +151,112 @@ def test_overlays_on_real_chest_xrays(model, pneumonia_200, tmp_path):
         pictures.append(torch.from_numpy(arr).permute(2, 0, 1))
     images = (torch.stack(pictures) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     path = explain.save_attention_overlays(model, images, tmp_path / "attention.png", titles=[f.name for f in files])
-    _assert_real_png(path, (660, 505))
+    _assert_real_png(path, (660, 525))
     _assert_real_png(explain.save_feature_maps_figure(model, images, tmp_path / "fm.png", n=4), (800, 570))
+
+
+# ---- Grad-CAM ------------------------------------------------------------------------------------------
+
+
+def test_gradcam_is_cam_for_a_global_pool_linear_head():
+    """With logits = W GAP(A) + b the gradient is W[c] / (h w) everywhere, so Grad-CAM = relu(W[c] . A) / (h w)."""
+    torch.manual_seed(0)
+    cnn = timm.create_model("test_resnet", num_classes=3).eval()
+    assert explain.gradcam_layer(cnn)[0] == "layer4"
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        fmap = cnn.forward_features(x)  # (2, 96, 4, 4)
+    for c in range(3):
+        cam = explain.grad_cam(cnn, x, label=c, normalize=False)
+        expected = F.relu(torch.einsum("k,bkhw->bhw", cnn.get_classifier().weight[c], fmap)) / 16
+        expected = F.interpolate(expected[:, None], size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
+        assert cam.shape == (2, 128, 128)
+        assert torch.allclose(cam, expected, atol=1e-7)
+    assert all(p.grad is None for p in cnn.parameters())  # the weights get no gradient
+
+
+def test_gradcam_of_the_hybrid_goes_back_through_the_transformer(model):
+    model = qing.create_model("qing_test_tr1", num_classes=3, img_size=64).eval()
+    model.pretrained_cfg["label_names"] = ["Atelectasis", "Effusion", "Edema"]
+    assert explain.gradcam_layer(model)[0] == "backbone.layer4"
+    x = torch.randn(2, 3, 64, 64)
+    fmap = model.backbone.forward_features(x).detach().requires_grad_(True)
+    logits = model.forward_head(model.norm(model.blocks(model.forward_tokens(fmap))))
+    (grads,) = torch.autograd.grad(logits[:, 1].sum(), fmap)
+    expected = F.relu((grads.mean(dim=(2, 3), keepdim=True) * fmap).sum(1, keepdim=True)).detach()
+    expected = F.interpolate(expected, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    by_name = explain.grad_cam(model, x, label="Effusion", normalize=False)
+    assert torch.allclose(by_name, expected, atol=1e-6)
+    maps, chosen = explain.grad_cam(model, x, return_labels=True)  # default: each image's highest logit
+    assert chosen.tolist() == model(x).argmax(1).tolist()
+    assert maps.min() >= 0 and maps.amax(dim=(1, 2)).tolist() == pytest.approx([1.0, 1.0])
+    assert explain.heatmaps(model, x, method="gradcam", label=1).shape == (2, 64, 64)
+    with pytest.raises(ValueError, match=re.escape("label 'Mass' is not one of the model's labels")):
+        explain.grad_cam(model, x, label="Mass")
+    with pytest.raises(ValueError, match="method='rollout' is attention, not class-specific: it takes no label"):
+        explain.heatmaps(model, x, method="rollout", label=1)
+    with pytest.raises(TypeError, match="has no timm feature_info to find its last CNN stage"):
+        explain.grad_cam(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)), x)
+
+
+_LESION_SIZE, _LESION_RADIUS = 32, 3
+
+
+def _lesion_batch(n: int, generator: torch.Generator):
+    """Noise images; positives carry a bright disc (the lesion) in one half, every image a dark disc in the other."""
+    s, r = _LESION_SIZE, _LESION_RADIUS
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+
+    def disc(centers):
+        return (yy - centers[:, :1, None]) ** 2 + (xx - centers[:, 1:, None]) ** 2 <= r * r
+
+    x = torch.randn(n, 1, s, s, generator=generator) * 0.3
+    y = (torch.rand(n, generator=generator) < 0.5).float()
+    side = torch.randint(0, 2, (n,), generator=generator)
+    rows = torch.randint(r + 2, s - r - 2, (n, 2), generator=generator)
+    cols = torch.randint(r + 2, s // 2 - r, (n, 2), generator=generator)
+    lesion = disc(torch.stack([rows[:, 0], cols[:, 0] + side * (s // 2)], 1))
+    distractor = disc(torch.stack([rows[:, 1], cols[:, 1] + (1 - side) * (s // 2)], 1))
+    x[:, 0] += 1.5 * lesion * y[:, None, None] - 1.5 * distractor
+    return x, y[:, None], lesion
+
+
+def _small_cnn() -> torch.nn.Sequential:
+    conv = [torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()]  # fmt: skip
+    return torch.nn.Sequential(*conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 1))
+
+
+def test_gradcam_finds_the_lesion_and_fails_the_randomization_check():
+    """Trained on lesion / no-lesion images (a few seconds), Grad-CAM's peak lies in the lesion; with the weights
+    randomized (Adebayo et al., 2018) the map changes and no longer finds it."""
+    torch.manual_seed(0)
+    cnn = _small_cnn()
+    optimizer = torch.optim.AdamW(cnn.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x, y, _ = _lesion_batch(32, generator)
+        loss = F.binary_cross_entropy_with_logits(cnn(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    cnn.eval()
+    x, y, lesion = _lesion_batch(64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert ((cnn(x) > 0).float() == y).float().mean() >= 0.95
+    positive = y[:, 0] == 1
+
+    def peak_in_lesion(maps):
+        peaks = maps.flatten(1).argmax(1)
+        return lesion.flatten(1).gather(1, peaks[:, None])[positive, 0].float().mean().item()
+
+    layer = cnn[7]  # the last ReLU: the (B, 16, 8, 8) map
+    trained = explain.grad_cam(cnn, x, label=0, layer=layer)
+    assert peak_in_lesion(trained) >= 0.9
+
+    randomized = _small_cnn().eval()  # every layer re-initialized: the cascade's last step
+    random_maps = explain.grad_cam(randomized, x, label=0, layer=randomized[7])
+    assert peak_in_lesion(random_maps) <= 0.3
+    similarity = F.cosine_similarity(trained.flatten(1), random_maps.flatten(1))[positive].mean()
+    assert similarity < 0.6

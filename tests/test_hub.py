@@ -397,3 +397,44 @@ def test_save_pretrained_channels_last_model(tmp_path):
     loaded = qing.create_model(f"local-dir:{tmp_path / 'cl'}", pretrained=True)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.items())
     assert not model.backbone.conv1[0].weight.is_contiguous()  # the caller's model is left as it was
+
+
+def test_temperatures_round_trip_card_and_calibration_off(tmp_path):
+    model = _binary_model()
+    set_meta(model, temperatures=[1.8])
+    summary = {
+        "test_sensitivity": 0.9, "test_sensitivity_ci": [0.7, 0.97], "test_ece": 0.05, "test_ece_uncalibrated": 0.12,
+        "n_test": 40, "confidence": 0.95,
+        "per_label": [{"label": "Pneumonia", "n_positive": 20, "n_negative": 20, "threshold": 0.42,
+                       "temperature": 1.8, "sensitivity": 0.9, "sensitivity_ci": [0.7, 0.97], "ece": 0.05}],
+    }  # fmt: skip
+    set_meta(model, metrics=summary)
+    folder = save_pretrained(model, tmp_path / "m", label_names=["Pneumonia"])
+    assert json.loads((folder / "config.json").read_text())["qing"]["temperatures"] == [1.8]
+    loaded = qing.from_pretrained(folder)
+    assert loaded.qing_meta == model.qing_meta
+    plain = qing.from_pretrained(folder, calibration=False)  # no temperature, the threshold moved: same decisions
+    assert plain.qing_meta.temperatures is None
+    assert plain.qing_meta.thresholds == pytest.approx([1 / (1 + (0.58 / 0.42) ** 1.8)])  # sigmoid(1.8 logit(.42))
+    card = (folder / "README.md").read_text()
+    assert "| Output | Label | Threshold | Temperature |" in card and "| 0 | Pneumonia | 0.4200 | 1.8000 |" in card
+    assert "calibrated probability (`sigmoid(logit / T)`)" in card
+    assert "| Sensitivity (test) | 0.9000 (95% CI 0.7000 to 0.9700) |" in card
+    assert "| ECE before temperature scaling (test) | 0.1200 |" in card
+    assert "| Pneumonia | 20 | 20 | 0.4200 | 1.8000 | 0.9000 (0.7000 to 0.9700) | 0.0500 |" in card
+    usage = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "from qing.evaluate import model_probabilities" in usage
+    image = tmp_path / "cxr.png"
+    Image.fromarray((np.add.outer(np.arange(96), np.arange(80)) % 256).astype(np.uint8), mode="L").save(image)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(usage.replace("chest_xray.png", str(image)), {})
+    config = timm.data.resolve_data_config({}, model=model)
+    x = timm.data.create_transform(**config)(Image.open(image).convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        p = torch.sigmoid(model(x) / 1.8).item()
+    assert out.getvalue() == f"Pneumonia: {p:.3f} ({'positive' if p >= 0.42 else 'negative'} at threshold 0.420)\n"
+
+    # a new head drops the temperatures with the thresholds
+    head = qing.create_model(f"local-dir:{folder}", pretrained=True, num_classes=2)
+    assert head.qing_meta.temperatures is None and head.qing_meta.thresholds is None

@@ -56,8 +56,8 @@ def test_extensionless_dicoms_are_read_and_other_files_reported(tmp_path, binary
     assert document["not_read"] == [{"path": str(scans / "DICOMDIR.txt"), "reason": reason}]
     assert captured.err.splitlines() == [
         f"qing: not read {scans / 'DICOMDIR.txt'}: {reason}",
-        "qing: 4 image(s) predicted; thresholds: 0.5 (stored with the model, youden); "
-        "1 other file(s) not read (listed above)",
+        "qing: 4 image(s) predicted; calibration: none (the model has no stored temperatures); "
+        "thresholds: 0.5 (stored with the model, youden); 1 other file(s) not read (listed above)",
     ]
     expected = probabilities(binary_model, paths)
     assert [p["probabilities"]["opacity"] for p in document["predictions"]] == pytest.approx(

@@ -145,6 +145,11 @@ def test_fit_best_is_a_real_copy_and_every_artifact_is_written(tmp_path, data_ro
     assert list(model.pretrained_cfg["label_names"]) == ["opacity"] and model.qing_meta.negative_label == "normal"
     assert model.qing_meta.thresholds == result.thresholds and len(result.thresholds) == 1
     assert model.qing_meta.metrics["test_roc_auc"] == result.test_metrics["roc_auc"]
+    # calibrated at the end of the run: one temperature fitted on validation, thresholds chosen after it
+    calibration = result.test_metrics["calibration"]
+    assert calibration["source"].startswith("fitted on validation data")
+    assert model.qing_meta.temperatures == calibration["temperatures"] and len(calibration["temperatures"]) == 1
+    assert model.qing_meta.metrics["test_ece"] == result.test_metrics["ece"]
     assert model.pretrained_cfg["input_size"] == (3, 64, 64) and list(model.pretrained_cfg["label_names"]) == [
         "opacity"
     ]
@@ -156,7 +161,8 @@ def test_fit_best_is_a_real_copy_and_every_artifact_is_written(tmp_path, data_ro
     assert str(zero) in report_md and str(cut) in report_md
     metrics = json.loads((result.report_path.parent / "metrics.json").read_text())
     assert metrics["thresholds"] == result.thresholds and metrics["n_samples"] == 8
-    for name in ("report.html", "curves.png", "roc.png", "pr.png", "confusion_matrix.png", "attention.png"):
+    for name in ("report.html", "curves.png", "roc.png", "pr.png", "confusion_matrix.png", "attention.png",
+                 "reliability.png", "gradcam.png"):  # fmt: skip
         assert (result.report_path.parent / name).stat().st_size > 0
     assert "epoch 2/2" in (cfg.run_dir / "train.log").read_text()
     # the resolved config: pretrained=None became False (qing_test_tr1 has no published weights)

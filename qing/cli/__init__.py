@@ -11,8 +11,9 @@ Commands:
 - ``qing models [PATTERN]``: the registered architectures and weights;
 - ``qing train``: fine-tune (every :class:`qing.train.TrainConfig` field is a flag, or ``--config``);
 - ``qing eval MODEL DATA``: the evaluation report of a model on labelled images;
-- ``qing predict MODEL INPUT...``: probabilities, decisions and attention heatmaps for image files;
-- ``qing explain MODEL IMAGE``: attention per block and head in one figure;
+- ``qing compare A B DATA``: two models (or prediction CSVs) on the same images: DeLong, bootstrap, McNemar;
+- ``qing predict MODEL INPUT...``: probabilities, decisions and Grad-CAM or attention heatmaps for image files;
+- ``qing explain MODEL IMAGE``: Grad-CAM for chosen labels, or attention per block and head, in one figure;
 - ``qing app [MODEL...]``: a local web page (Gradio) to run a model on dropped images, or a Hugging Face Space;
 - ``qing export MODEL OUT.onnx``: an ONNX file checked against PyTorch, with labels and preprocessing inside;
 - ``qing convert SRC DST``: CheXNet / original hybrid / torchxrayvision checkpoints to a qing model folder;
@@ -29,7 +30,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Optional
 
-from qing.cli import _app, _convert, _demo, _eval, _explain, _export, _hub, _models, _predict, _train
+from qing.cli import _app, _compare, _convert, _demo, _eval, _explain, _export, _hub, _models, _predict, _train
 from qing.cli._common import CLIError, HelpFormatter
 from qing.version import __version__
 
@@ -41,6 +42,7 @@ start here:
   qing models                                 architectures and weights
   qing train DATA --model qing_densenet121_tr2 --img-size 224 --output-dir runs/pneumonia
   qing eval runs/pneumonia TEST_DATA          report on labelled images
+  qing compare runs/a runs/b TEST_DATA        is model a better than model b on the same images?
   qing predict runs/pneumonia scans/ -o predictions.csv --heatmaps heatmaps/
   qing app runs/pneumonia                     a web page: drop X-rays, see predictions
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what qing does (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
-    for module in (_demo, _models, _train, _eval, _predict, _explain, _app, _export, _convert, _hub):
+    for module in (_demo, _models, _train, _eval, _compare, _predict, _explain, _app, _export, _convert, _hub):
         module.register(sub)
     return parser
 

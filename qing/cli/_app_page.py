@@ -19,7 +19,6 @@ from qing._io import write_text_atomic
 from qing.cli._app_results import (
     ModelStore,
     analyze,
-    grad_cam_available,
     model_summary,
     results_html,
     size_text,
@@ -148,7 +147,6 @@ def build_page(
             choices=[],
             label="Grad-CAM for label",
             info="Where the last CNN stage's gradients say this label's evidence is (class-specific).",
-            visible=grad_cam_available(),
             elem_id="qing-gradcam",
         )
         with gr.Row():

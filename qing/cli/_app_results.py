@@ -23,7 +23,6 @@ from qing import explain
 from qing.cli._common import CLIError, LoadedModel, load_model
 from qing.cli._inference import iter_predictions
 from qing.cli._predict import Prediction, decisions, predictions_csv
-from qing.data import build_transforms
 from qing.explain import class_token_heatmap, denormalize, overlay
 from qing.meta import get_meta
 from qing.model_card import model_card_summary
@@ -31,11 +30,6 @@ from qing.model_card import model_card_summary
 #: Default upload limits: DICOM chest films are 5-40 MB; more files than this belong to ``qing predict``.
 DEFAULT_MAX_FILE_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_FILES = 24
-
-
-def grad_cam_available() -> bool:
-    """Whether this qing has Grad-CAM (``qing.explain.grad_cam``, issue 15); the page offers it when it does."""
-    return callable(getattr(explain, "grad_cam", None))
 
 
 def parse_size(text: str) -> int:
@@ -195,7 +189,7 @@ def analyze(
         max_file_size: Larger files are not read; their row says so.
         max_files: Files after the first ``max_files`` are not read; their row says so.
         heatmaps: Draw the attention-rollout overlay (qing CNN-Transformers).
-        grad_cam_label: Also draw Grad-CAM for this output, where qing has Grad-CAM (see :func:`grad_cam_available`).
+        grad_cam_label: Also draw Grad-CAM for this output (models with a CNN stage, :func:`qing.explain.grad_cam`).
         batch_size: Images per forward pass.
     """
     names = list(names) if names is not None else [Path(f).name for f in files]
@@ -217,9 +211,9 @@ def analyze(
     draw = heatmaps and loaded.has_attention
     if heatmaps and not loaded.has_attention:
         notes.append("This model has no attention maps (not a qing CNN-Transformer): no attention-rollout overlay.")
-    cam_label = grad_cam_label if grad_cam_label is not None and grad_cam_available() else None
-    transform = build_transforms(loaded.model, train=False)
-    device = next(loaded.model.parameters()).device
+    cam_label = grad_cam_label if grad_cam_label is not None and loaded.has_cnn_stage else None
+    transform = loaded.transform()
+    device = next(loaded.model.parameters()).device if loaded.model is not None else None
     batches = iter_predictions(
         loaded, [Path(files[i]) for i in readable], device=device, batch_size=batch_size, transform=transform
     )

@@ -18,8 +18,9 @@ from qing._factory import create_model
 from qing.convert import load_checkpoint_file
 from qing.data import ImageTransform, build_transforms, resolve_image_config
 from qing.deploy import OnnxModel
-from qing.evaluate import inference
-from qing.meta import get_meta, model_labels, model_task
+from qing.evaluate import inference, probabilities
+from qing.explain import gradcam_layer
+from qing.meta import ModelMeta, get_meta, model_labels, model_task
 
 _log = logging.getLogger("qing.cli")
 
@@ -80,6 +81,25 @@ def add_progress_flag(group: argparse._ActionsContainer) -> None:
     )
 
 
+def add_calibration_flags(group: argparse._ActionsContainer, *, tta: bool = True) -> None:
+    """``--no-calibration`` (and ``--tta``): how logits become the probabilities shown and thresholded."""
+    group.add_argument(
+        "--calibration",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="divide the logits by the model's stored temperatures (temperature scaling fitted on validation); "
+        "--no-calibration shows plain sigmoid/softmax probabilities, with the stored thresholds moved to that "
+        "scale so every decision stays the same",
+    )
+    if tta:
+        group.add_argument(
+            "--tta",
+            action="store_true",
+            help="test-time augmentation: average the probabilities over 7 views (the image, 4%% shifts in four "
+            "directions, zooms 0.95 and 1.05; no flip: laterality); 7x slower",
+        )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -119,9 +139,12 @@ class LoadedModel:
         source: What was loaded, in words (folder, Hub repo, registry tag, converted file, ONNX file).
         labels: One name per output (``output_<i>`` where the model has none).
         task: ``binary``, ``multilabel`` or ``multiclass``.
-        thresholds: Per-output decision thresholds (sigmoid tasks), ``[]`` for multiclass (argmax).
+        thresholds: Per-output decision thresholds (sigmoid tasks), ``[]`` for multiclass (argmax); on the
+            scale of the probabilities :meth:`probabilities` gives.
         threshold_source: Where the thresholds came from, in words.
         negative_label: Binary task: the name shown for a negative decision.
+        temperatures: The temperatures logits are divided by (``None``: not calibrated).
+        calibration_source: How the probabilities are calibrated, in words.
         threshold_method: How stored thresholds were chosen (``None`` for given or default ones).
         image_config: The preprocessing (``qing.data.resolve_image_config``).
         onnx: The onnxruntime model: the ONNX MODEL, or the PyTorch model exported by ``--runtime onnx``.
@@ -135,9 +158,15 @@ class LoadedModel:
     thresholds: list[float]
     threshold_source: str
     negative_label: str = "negative"
+    temperatures: Optional[list[float]] = None
+    calibration_source: str = "none"
     threshold_method: Optional[str] = None
     image_config: dict[str, Any] = field(default_factory=dict)
     onnx: Optional[OnnxModel] = None
+
+    def probabilities(self, logits: Any) -> Any:
+        """``(N, C)`` probabilities of ``(N, C)`` logits: the task's sigmoid/softmax after the temperatures."""
+        return probabilities(logits, self.task, self.temperatures)
 
     @property
     def has_attention(self) -> bool:
@@ -147,6 +176,17 @@ class LoadedModel:
     def transform(self) -> ImageTransform:
         """The eval transform of the model's preprocessing."""
         return build_transforms(self.image_config, train=False)
+
+    @property
+    def has_cnn_stage(self) -> bool:
+        """Whether Grad-CAM can be drawn (a CNN stage of a PyTorch model, :func:`qing.explain.gradcam_layer`)."""
+        if self.model is None:
+            return False
+        try:
+            gradcam_layer(self.model)
+        except TypeError:
+            return False
+        return True
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -230,44 +270,68 @@ def parse_thresholds(text: Optional[str], num_outputs: int) -> Optional[list[flo
     return values
 
 
-def load_model(spec: str, *, device: torch.device, threshold: Optional[str] = None) -> LoadedModel:
-    """The model a MODEL argument names, in eval mode on ``device``, with labels, task and thresholds.
+def load_model(
+    spec: str, *, device: torch.device, threshold: Optional[str] = None, calibration: bool = True
+) -> LoadedModel:
+    """The model a MODEL argument names, in eval mode on ``device``, with labels, task, calibration and thresholds.
 
     MODEL is a folder written by ``qing train`` / ``convert`` / ``pull`` (or a run folder, meaning its
     ``checkpoints/best``), ``hf-hub:owner/name[@revision]``, ``local-dir:PATH``, a registered
     ``architecture.tag``, a foreign checkpoint file (converted on the fly), or an ``.onnx`` file
-    written by ``qing export`` (labels, thresholds and preprocessing from its metadata).
+    written by ``qing export`` (labels, temperatures, thresholds and preprocessing from its metadata).
+    With ``calibration=False`` the stored temperatures are dropped and the stored thresholds moved to the
+    plain probabilities (:meth:`qing.ModelMeta.uncalibrated`), so the decisions do not change.
     """
     if spec.lower().endswith(".onnx"):
-        return _load_onnx(spec, threshold)
+        return _load_onnx(spec, threshold, calibration)
     model, source = _create_from_spec(spec)
     model = model.eval().to(device)
-    meta = get_meta(model)
     loaded = LoadedModel(model, spec, source, model_labels(model), model_task(model), [], "")
     loaded.image_config = resolve_image_config(model)
-    _set_thresholds(loaded, threshold, meta.thresholds, meta.threshold_method)
-    loaded.negative_label = meta.negative_label or loaded.negative_label
+    meta = _set_calibration(loaded, get_meta(model), calibration)
+    model.qing_meta = meta
+    _set_thresholds(loaded, threshold, meta)
     return loaded
 
 
-def _load_onnx(spec: str, threshold: Optional[str]) -> LoadedModel:
+def _load_onnx(spec: str, threshold: Optional[str], calibration: bool) -> LoadedModel:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise CLIError(f"ONNX model not found: {spec} (write one with `qing export MODEL {path.name}`)")
     onnx = OnnxModel(path)
-    meta = onnx.metadata
-    loaded = LoadedModel(None, spec, f"ONNX file {path}", meta.labels, meta.task, [], "", onnx=onnx)
+    stored = onnx.metadata
+    loaded = LoadedModel(None, spec, f"ONNX file {path}", stored.labels, stored.task, [], "", onnx=onnx)
     loaded.image_config = onnx.image_config
-    _set_thresholds(loaded, threshold, meta.thresholds, meta.threshold_method)
-    loaded.negative_label = meta.negative_label or loaded.negative_label
+    meta = ModelMeta(
+        task=stored.task,
+        temperatures=stored.temperatures,
+        thresholds=stored.thresholds,
+        threshold_method=stored.threshold_method,
+        negative_label=stored.negative_label,
+    )
+    _set_thresholds(loaded, threshold, _set_calibration(loaded, meta, calibration))
     return loaded
 
 
-def _set_thresholds(
-    loaded: LoadedModel, threshold: Optional[str], stored: Optional[list[float]], method: Optional[str]
-) -> None:
+def _set_calibration(loaded: LoadedModel, meta: ModelMeta, calibration: bool) -> ModelMeta:
+    """Set ``loaded``'s temperatures and calibration wording; the metadata the thresholds are read from."""
+    if meta.temperatures is not None and len(meta.temperatures) != len(loaded.labels):
+        raise CLIError(f"{loaded.name} stores {len(meta.temperatures)} temperatures for {len(loaded.labels)} outputs")
+    if meta.temperatures is None:
+        loaded.calibration_source = "none (the model has no stored temperatures)"
+    elif calibration:
+        loaded.calibration_source = "temperature scaling stored with the model (T = " + _few(meta.temperatures) + ")"
+    else:
+        meta = meta.uncalibrated()
+        loaded.calibration_source = "off (--no-calibration; stored thresholds moved to the plain probabilities)"
+    loaded.temperatures = list(meta.temperatures) if meta.temperatures is not None else None
+    return meta
+
+
+def _set_thresholds(loaded: LoadedModel, threshold: Optional[str], meta: ModelMeta) -> None:
     """``--threshold``, else the stored thresholds, else 0.5 (argmax for multiclass); the negative label."""
     labels, task = loaded.labels, loaded.task
+    stored, method = meta.thresholds, meta.threshold_method
     override = parse_thresholds(threshold, len(labels))
     if task == "multiclass":
         if override is not None:
@@ -281,7 +345,11 @@ def _set_thresholds(
         loaded.threshold_method = method
     else:
         loaded.thresholds, loaded.threshold_source = [0.5] * len(labels), "default: the model has no stored thresholds"
-    loaded.negative_label = f"not {labels[0]}" if task == "binary" else "negative"
+    loaded.negative_label = meta.negative_label or (f"not {labels[0]}" if task == "binary" else "negative")
+
+
+def _few(values: Sequence[float], n: int = 6) -> str:
+    return ", ".join(f"{v:.3g}" for v in values[:n]) + (", ..." if len(values) > n else "")
 
 
 # ---- outputs -------------------------------------------------------------------------------------

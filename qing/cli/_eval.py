@@ -19,6 +19,7 @@ from qing.cli._common import (
     CLIError,
     HelpFormatter,
     LoadedModel,
+    add_calibration_flags,
     add_common_flags,
     add_device_flags,
     add_model_argument,
@@ -56,6 +57,7 @@ examples:
   qing eval qing_chexnet_densenet121.chexnet test_list.txt --image-dir images/
   qing eval model.onnx data/chest_xray -o reports/onnx                # onnxruntime (an exported model)
   qing eval runs/pneumonia data/chest_xray --runtime onnx             # export on the fly, then onnxruntime
+  qing eval runs/pneumonia data/chest_xray --tta --no-calibration
 
 DATA is a folder of class folders, a CSV (a class-name column, one 0/1 column per model output, or
 NIH's "Finding Labels" column of |-separated findings, "No Finding" = none) or a ChestX-ray14 list
@@ -63,8 +65,10 @@ file (image name, then one 0/1 per output). When MODEL is a qing train run (or i
 and DATA is the data it trained on, --split takes the images of that split from the run's
 splits.csv: the split qing made, patients kept apart. Images the run trained or validated on are
 counted and warned about, whatever DATA is. Class names must match the model's labels (a binary
-model: its positive class and one other). Decisions use the model's stored thresholds, else 0.5.
-The output folder gets report.html/report.md, metrics.json, figures and predictions.csv.
+model: its positive class and one other). Probabilities are calibrated with the model's stored
+temperatures (--no-calibration: plain sigmoid/softmax); decisions use the model's stored thresholds,
+else 0.5. The output folder gets report.html/report.md (what every number means: the "Reading the
+report" guide), metrics.json, figures and predictions.csv (the input of qing compare).
 """
 
 _log = logging.getLogger("qing.cli")
@@ -82,6 +86,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_argument(parser)
     parser.add_argument("data", metavar="DATA", type=Path, help="class folders, labels CSV or list file")
+    add_data_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--output", type=Path, metavar="DIR", help="report folder (default: eval-<DATA name>)")
+    out.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty report folder")
+    out.add_argument("--threshold", metavar="P", help="decision threshold(s) instead of the model's (comma-separated)")
+    out.add_argument(
+        "--n-bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples of the AUROC and PR-AUC intervals",
+    )
+    out.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap")
+    add_calibration_flags(out)
+    add_progress_flag(out)
+    add_device_flags(parser)
+    add_runtime_flags(parser)
+    add_common_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """How DATA is read (``qing eval`` and ``qing compare``): split, CSV columns, image folder."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--split",
@@ -97,19 +124,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--label-column", metavar="COLUMN", help="CSV column with a class name per row (default: 'label' if present)"
     )
     data.add_argument("--image-dir", type=Path, metavar="DIR", help="folder the CSV / list-file paths start from")
-    out = parser.add_argument_group("output")
-    out.add_argument("-o", "--output", type=Path, metavar="DIR", help="report folder (default: eval-<DATA name>)")
-    out.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty report folder")
-    out.add_argument("--threshold", metavar="P", help="decision threshold(s) instead of the model's (comma-separated)")
-    out.add_argument(
-        "--n-bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the AUROC interval"
-    )
-    out.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap")
-    add_progress_flag(out)
-    add_device_flags(parser)
-    add_runtime_flags(parser)
-    add_common_flags(parser)
-    parser.set_defaults(func=run)
 
 
 # ---- reading the labelled data ---------------------------------------------------------------------
@@ -344,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.output or Path(f"eval-{args.data.stem or 'data'}")
     check_new_folder(out, overwrite=args.overwrite)
     device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, threshold=args.threshold)
+    loaded = load_model(args.model, device=device, threshold=args.threshold, calibration=args.calibration)
     record = find_split_record(args.model)
     samples, negative, description = read_samples(args, loaded, record)
     if record is not None:
@@ -377,21 +391,28 @@ def run(args: argparse.Namespace) -> int:
         label_names=loaded.labels,
         thresholds=loaded.thresholds or None,
         threshold_method=method,
+        temperatures=loaded.temperatures,
+        temperature_source="stored with the model",
         n_bootstrap=args.n_bootstrap,
         seed=args.seed,
         negative_label=negative,
     )
+    if args.tta:
+        evaluation.metrics["notes"].append(
+            "Test-time augmentation: probabilities averaged over 7 views (identity, 4% shifts, zooms 0.95 and 1.05)."
+        )
     shown = None
     if loaded.model is None:
-        note = "qing: note: the report has no attention or feature-map figures: they need the PyTorch model"
+        note = "qing: note: the report has no Grad-CAM, attention or feature-map figures: they need the PyTorch model"
         print(note, file=sys.stderr)
-    if loaded.has_attention:  # the report's attention figures: the first readable images
+    explainable = loaded.has_attention or loaded.has_cnn_stage
+    if explainable:  # the report's Grad-CAM and attention figures: the first readable images
         items = [dataset[i] for i in outputs.indices[:4].tolist()]
         images = [item["image"] for item in items if not isinstance(item, BadImage)]
         shown = torch.stack(images) if images else None
     report = evaluation.write_report(
         out,
-        model=loaded.model if loaded.has_attention else None,
+        model=loaded.model if explainable else None,
         images=shown,
         mean=transform.mean,
         std=transform.std,
@@ -409,16 +430,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predictions_csv(paths: list[str], targets: np.ndarray, probs: np.ndarray, loaded: LoadedModel) -> str:
+    """``path``, the targets, the probabilities and the decisions (the columns ``qing compare`` reads)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if loaded.task == "multiclass":
-        writer.writerow(["path", "target", *(f"prob_{n}" for n in loaded.labels)])
+        writer.writerow(["path", "target", *(f"prob_{n}" for n in loaded.labels), "predicted"])
         for path, t, p in zip(paths, targets, probs):
-            writer.writerow([path, loaded.labels[int(t)], *(repr(float(v)) for v in p)])
+            predicted = loaded.labels[int(np.argmax(p))]
+            writer.writerow([path, loaded.labels[int(t)], *(repr(float(v)) for v in p), predicted])
     else:
-        writer.writerow(["path", *(f"target_{n}" for n in loaded.labels), *(f"prob_{n}" for n in loaded.labels)])
+        writer.writerow([
+            "path", *(f"target_{n}" for n in loaded.labels), *(f"prob_{n}" for n in loaded.labels),
+            *(f"positive_{n}" for n in loaded.labels),
+        ])  # fmt: skip
         for path, t, p in zip(paths, targets, probs):
-            writer.writerow([path, *(int(v) for v in np.atleast_1d(t)), *(repr(float(v)) for v in p)])
+            decisions = [int(v >= th) for v, th in zip(p, loaded.thresholds)]
+            writer.writerow([path, *(int(v) for v in np.atleast_1d(t)), *(repr(float(v)) for v in p), *decisions])
     return buffer.getvalue()
 
 
@@ -430,5 +457,9 @@ def _print_summary(metrics: dict[str, Any], loaded: LoadedModel, description: st
     print(
         f"  accuracy {format_value(metrics.get('accuracy'))}, sensitivity {format_value(metrics.get('sensitivity'))}, "
         f"specificity {format_value(metrics.get('specificity'))}, F1 {format_value(metrics.get('f1'))}"
+    )
+    print(
+        f"  calibration: ECE {format_value(metrics.get('ece'))}, Brier {format_value(metrics.get('brier'))}"
+        f" ({loaded.calibration_source})"
     )
     print(f"  thresholds: {loaded.threshold_source}")

@@ -25,7 +25,7 @@ from qing.data import (
     is_image_file,
     scan_folder,
 )
-from qing.evaluate import Runner, TorchRunner, iter_logits, probabilities
+from qing.evaluate import Runner, TorchRunner, iter_logits
 
 _GLOB_CHARS = ("*", "?", "[")
 
@@ -152,6 +152,9 @@ def iter_predictions(
         num_workers: Image-reading worker processes.
         progress: Progress bar on stderr (``None``: only on a terminal).
         transform: The evaluation transform (default: ``loaded.transform()``).
+
+    The probabilities are calibrated with ``loaded.temperatures`` (:meth:`LoadedModel.probabilities`);
+    test-time augmentation is a runner's (``build_runner`` with ``--tta``).
     """
     if runner is None:
         runner = loaded.onnx if loaded.model is None else TorchRunner(loaded.model, device=device)
@@ -160,7 +163,7 @@ def iter_predictions(
     loader = inference_loader(dataset, device=runner.device, batch_size=batch_size, num_workers=num_workers)
     for batch in iter_logits(runner, loader, progress=progress, desc="predict"):
         if batch.indices:
-            probs = probabilities(batch.logits.numpy(), loaded.task)
+            probs = loaded.probabilities(batch.logits.numpy())
         else:
             probs = np.zeros((0, len(loaded.labels)))
         yield PredictedBatch(batch.indices, batch.images, probs, batch.bad)

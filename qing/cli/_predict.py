@@ -19,6 +19,7 @@ from qing.cli._common import (
     CLIError,
     HelpFormatter,
     LoadedModel,
+    add_calibration_flags,
     add_common_flags,
     add_device_flags,
     add_model_argument,
@@ -31,7 +32,7 @@ from qing.cli._common import (
 from qing.cli._inference import expand_inputs, iter_predictions
 from qing.cli._runtime import add_runtime_flags, build_runner, heatmap_refusal, runtime_of
 from qing.data import ImageLoadError, ImageTransform, load_image
-from qing.explain import class_token_heatmap, overlay
+from qing.explain import heatmaps, overlay
 
 EPILOG = """\
 examples:
@@ -39,17 +40,20 @@ examples:
   qing predict runs/pneumonia scans/ 'more/**/*.dcm' --output predictions.csv
   qing predict hf-hub:me/cxr-pneumonia images/ --format json --output predictions.json --heatmaps heatmaps/
   qing predict qing_xrv_densenet121.all chest.dcm --threshold 0.6
+  qing predict runs/nih scans/ --heatmaps heatmaps/ --heatmap-method gradcam --heatmap-label Effusion
+  qing predict runs/pneumonia scans/ --tta --no-calibration -o predictions.csv
   qing predict model.onnx scans/ -o predictions.csv                  # onnxruntime, no PyTorch model needed
   qing predict runs/pneumonia scans/ --amp bf16 --channels-last --num-workers 2
 
 MODEL is a model folder (a run folder means its checkpoints/best), hf-hub:owner/name[@revision],
 local-dir:PATH, a registered architecture.tag with weights, a checkpoint file (converted on the fly),
 or an .onnx file written by qing export (heatmaps need the PyTorch model).
-The decision uses the thresholds stored with the model (chosen on validation data by qing train),
-else 0.5; a multiclass model predicts the most probable class. In folders, DICOM files are found by
-their DICM preamble whatever their name; other files are listed as not read. Unreadable images are
-reported and skipped; the exit code is then 1, and the other images are still written. --heatmaps
-overlays have the input image's size.
+Probabilities are calibrated with the model's stored temperatures (--no-calibration: plain
+sigmoid/softmax). The decision uses the thresholds stored with the model (chosen on validation data by
+qing train, after calibration), else 0.5; a multiclass model predicts the most probable class. In folders,
+DICOM files are found by their DICM preamble whatever their name; other files are listed as not read.
+Unreadable images are reported and skipped; the exit code is then 1, and the other images are still
+written. --heatmaps overlays have the input image's size.
 """
 
 
@@ -87,13 +91,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("table", "csv", "json"),
         help="output format (default: from the --output suffix, else a table on stdout)",
     )
-    out.add_argument("--heatmaps", type=Path, metavar="DIR", help="save class-token attention overlays as PNG here")
+    out.add_argument("--heatmaps", type=Path, metavar="DIR", help="save heatmap overlays as PNG here")
+    out.add_argument(
+        "--heatmap-method",
+        choices=("rollout", "gradcam"),
+        help="rollout: class-token attention (qing CNN-Transformers; the default for them); gradcam: Grad-CAM of "
+        "one output at the last CNN stage (any CNN; the default for the others)",
+    )
+    out.add_argument(
+        "--heatmap-label",
+        metavar="NAME",
+        help="the output Grad-CAM explains (default: each image's most probable output)",
+    )
     out.add_argument("--overwrite", action="store_true", help="replace existing output and heatmap files")
     out.add_argument(
         "--threshold",
         metavar="P",
         help="decision threshold(s) instead of the model's: one probability, or one per output (comma-separated)",
     )
+    add_calibration_flags(out)
     add_progress_flag(out)
     add_device_flags(parser)
     add_runtime_flags(parser)
@@ -183,12 +199,23 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"no images to predict ({reasons})")
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, threshold=args.threshold)
+    loaded = load_model(args.model, device=device, threshold=args.threshold, calibration=args.calibration)
     runtime = runtime_of(args, loaded)
     if heatmap_paths and heatmap_refusal(loaded, runtime):
         raise CLIError(heatmap_refusal(loaded, runtime))
-    if heatmap_paths and not loaded.has_attention:
-        raise CLIError(f"--heatmaps needs a qing CNN-Transformer with attention maps; {args.model} has none")
+    method = args.heatmap_method or ("rollout" if loaded.has_attention else "gradcam")
+    if heatmap_paths and method == "rollout" and not loaded.has_attention:
+        raise CLIError(
+            f"--heatmap-method rollout needs a qing CNN-Transformer with attention maps; {args.model} has none "
+            "(use --heatmap-method gradcam)"
+        )
+    if heatmap_paths and method == "gradcam" and not loaded.has_cnn_stage:
+        raise CLIError(f"--heatmap-method gradcam needs a model with a CNN backbone; {args.model} has none")
+    if args.heatmap_label is not None:
+        if method != "gradcam":
+            raise CLIError("--heatmap-label chooses the output Grad-CAM explains; add --heatmap-method gradcam")
+        if args.heatmap_label not in loaded.labels:
+            raise CLIError(f"--heatmap-label {args.heatmap_label!r} is not one of {', '.join(loaded.labels)}")
     transform = loaded.transform()
     results = [Prediction(str(p)) for p in inputs.files]
     failed = [Prediction(arg, error=why) for arg, why in inputs.missing]
@@ -199,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if len(inputs.not_images) > _NOT_IMAGES_SHOWN:
         print(f"qing: not read {len(inputs.not_images) - _NOT_IMAGES_SHOWN} more such file(s)", file=sys.stderr)
 
+    label = loaded.labels.index(args.heatmap_label) if args.heatmap_label is not None else None
     batches = iter_predictions(
         loaded,
         inputs.files,
@@ -217,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         for index, row in zip(batch.indices, batch.probabilities):
             results[index].probabilities = [float(p) for p in row]
         if heatmap_paths:
-            heat = class_token_heatmap(loaded.model, batch.images)
+            heat = heatmaps(loaded.model, batch.images, method=method, label=label)
             for index, heatmap in zip(batch.indices, heat):
                 try:
                     blended = _heatmap_at_source_size(inputs.files[index], heatmap.numpy(), transform)
@@ -246,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     ok = len(everything) - n_bad
     where = f" -> {args.output}" if args.output is not None else ""
     print(
-        f"qing: {ok} image(s) predicted{where}; thresholds: {_threshold_text(loaded)}"
+        f"qing: {ok} image(s) predicted{where}; calibration: {loaded.calibration_source}; "
+        f"thresholds: {_threshold_text(loaded)}"
         + (f"; heatmaps in {args.heatmaps}" if heatmap_paths else "")
         + (f"; {len(inputs.not_images)} other file(s) not read (listed above)" if inputs.not_images else ""),
         file=sys.stderr,
@@ -350,6 +379,8 @@ def _json(loaded: LoadedModel, results: list[Prediction], not_images: list[Path]
         "labels": loaded.labels,
         "thresholds": loaded.thresholds,
         "threshold_source": loaded.threshold_source,
+        "temperatures": loaded.temperatures,
+        "calibration": loaded.calibration_source,
         "predictions": predictions,
         "failed": failed,
         "not_read": [{"path": str(p), "reason": _NOT_AN_IMAGE} for p in not_images],

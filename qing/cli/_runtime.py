@@ -17,7 +17,7 @@ import torch
 
 from qing.cli._common import CLIError, LoadedModel
 from qing.deploy import OnnxModel, OnnxParityError, export_onnx
-from qing.evaluate import Runner, TorchRunner
+from qing.evaluate import Runner, TorchRunner, TTAModel
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RUNTIMES = ("torch", "onnx")
@@ -59,7 +59,8 @@ def runtime_of(args: argparse.Namespace, loaded: LoadedModel) -> str:
 
 
 def _torch_flags(args: argparse.Namespace) -> dict[str, object]:
-    return {"--amp": args.amp, "--channels-last": args.channels_last, "--compile": args.compile}
+    flags = {"--amp": args.amp, "--channels-last": args.channels_last, "--compile": args.compile}
+    return {**flags, "--tta": getattr(args, "tta", False)}
 
 
 def onnx_providers(device: torch.device) -> list[str]:
@@ -85,6 +86,8 @@ def build_runner(
 ) -> Runner:
     """The :class:`qing.evaluate.Runner` of ``loaded`` for the runtime flags in ``args``.
 
+    ``--tta`` (where the command has it) wraps the PyTorch model in :class:`qing.evaluate.TTAModel`.
+
     ``--runtime onnx`` with a PyTorch model exports it to a temporary ONNX file first, checked
     against PyTorch on ``check_images`` (some of the inputs) and random inputs; the file is removed
     once onnxruntime has loaded it.
@@ -92,8 +95,9 @@ def build_runner(
     runtime = runtime_of(args, loaded)
     if runtime == "torch":
         assert loaded.model is not None
+        model = TTAModel(loaded.model, task=loaded.task).eval() if getattr(args, "tta", False) else loaded.model
         return TorchRunner(
-            loaded.model,
+            model,
             device=device,
             amp_dtype=AMP_DTYPES.get(args.amp) if args.amp else None,
             channels_last=args.channels_last,
@@ -126,7 +130,8 @@ def heatmap_refusal(loaded: LoadedModel, runtime: str) -> Optional[str]:
     """Why ``--heatmaps`` cannot be drawn with this model and runtime, or ``None``."""
     if loaded.model is None:
         return (
-            f"--heatmaps needs the PyTorch model: attention maps are not part of the ONNX graph of {loaded.name}; "
+            f"--heatmaps needs the PyTorch model: Grad-CAM and attention maps are not part of the ONNX graph of "
+            f"{loaded.name}; "
             "give the model folder it was exported from"
         )
     if runtime == "onnx":

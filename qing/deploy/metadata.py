@@ -7,12 +7,14 @@ Every entry of the ONNX ``metadata_props`` that qing writes is a JSON document (
 
     session = ort.InferenceSession("model.onnx")
     meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
-    meta["labels"], meta["activation"], meta["thresholds"], meta["input_size"], meta["mean"]
+    meta["labels"], meta["activation"], meta["temperatures"], meta["thresholds"], meta["input_size"]
 
 The keys (:data:`METADATA_KEYS`):
 
 - ``labels``: one name per output column; ``task``: ``binary``, ``multilabel`` or ``multiclass``;
   ``activation``: ``sigmoid`` (binary, multilabel: one probability per output) or ``softmax``;
+- ``temperatures``: per-output temperature scaling, probability = activation(logit / temperature)
+  (``null``: not calibrated); the thresholds apply to these probabilities;
 - ``thresholds``: per-output decision thresholds on the probability (``null`` for multiclass: argmax),
   ``threshold_method``: how they were chosen; ``negative_label``: binary only, the negative class name;
 - ``input_name`` / ``output_name``: the graph's ``image`` ``(N, C, H, W)`` float32 input and its
@@ -47,6 +49,7 @@ METADATA_KEYS = (
     "task",
     "labels",
     "activation",
+    "temperatures",
     "thresholds",
     "threshold_method",
     "negative_label",
@@ -92,6 +95,7 @@ class OnnxMetadata:
     Attributes:
         labels: One name per output.
         task: ``binary``, ``multilabel`` or ``multiclass``.
+        temperatures: Per-output temperatures the logits are divided by (``None``: not calibrated).
         thresholds: Per-output decision thresholds (``None``: not stored, or multiclass).
         threshold_method: How the thresholds were chosen.
         negative_label: Binary: the negative class name.
@@ -112,6 +116,7 @@ class OnnxMetadata:
     input_name: str
     output_name: str
     image_config: dict[str, Any]
+    temperatures: Optional[list[float]] = None
     spatial: str = "fixed"
     spatial_multiple: Optional[int] = None
     extra: Optional[dict[str, Any]] = None
@@ -143,6 +148,9 @@ class OnnxMetadata:
         thresholds = values.get("thresholds")
         if thresholds is not None and len(thresholds) != len(labels):
             raise ValueError(f"{where} stores {len(thresholds)} thresholds for {len(labels)} labels")
+        temperatures = values.get("temperatures")
+        if temperatures is not None and len(temperatures) != len(labels):
+            raise ValueError(f"{where} stores {len(temperatures)} temperatures for {len(labels)} labels")
         image_config = {
             "input_size": tuple(int(v) for v in values["input_size"]),
             "interpolation": str(values["interpolation"]),
@@ -151,12 +159,22 @@ class OnnxMetadata:
             "crop_pct": float(values.get("crop_pct", 1.0)),
             "crop_mode": str(values.get("crop_mode", "squash")),
         }
-        known = {"labels", "task", "thresholds", "threshold_method", "negative_label", "input_name", "output_name"}
+        known = {
+            "labels",
+            "task",
+            "temperatures",
+            "thresholds",
+            "threshold_method",
+            "negative_label",
+            "input_name",
+            "output_name",
+        }
         known |= set(image_config) | {"spatial", "spatial_multiple"}
         return cls(
             labels=labels,
             task=values["task"],
             thresholds=[float(t) for t in thresholds] if thresholds is not None else None,
+            temperatures=[float(t) for t in temperatures] if temperatures is not None else None,
             threshold_method=values.get("threshold_method"),
             negative_label=values.get("negative_label"),
             input_name=str(values["input_name"]),

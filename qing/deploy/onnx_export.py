@@ -384,6 +384,7 @@ def _metadata(
         "task": task,
         "labels": labels,
         "activation": "softmax" if task == "multiclass" else "sigmoid",
+        "temperatures": list(meta.temperatures) if meta.temperatures is not None else None,
         "thresholds": thresholds,
         "threshold_method": meta.threshold_method if thresholds is not None else None,
         "negative_label": meta.negative_label if task == "binary" else None,

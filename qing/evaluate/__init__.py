@@ -1,5 +1,5 @@
-"""Evaluation: logits over a loader, probabilities, thresholds chosen on validation data, metrics, plots
-and reports.
+"""Evaluation: logits over a loader (optionally with test-time augmentation), calibration, probabilities,
+thresholds chosen on validation data, metrics with intervals, paired model comparison, plots and reports.
 
 In one call, from a model and loaders (what the trainer and ``qing eval`` do)::
 
@@ -23,7 +23,16 @@ Step by step::
                  label_names=names, task=task, history=history, model=model, images=some_images)
 """
 
-from qing.evaluate.evaluation import SUMMARY_METRICS, Evaluation, evaluate_logits
+from qing.evaluate.calibration import (
+    CALIBRATION_BINS,
+    apply_temperatures,
+    calibration_bins,
+    calibration_scores,
+    expected_calibration_error,
+    fit_temperatures,
+)
+from qing.evaluate.comparison import Comparison, compare, delong_test, mcnemar_test
+from qing.evaluate.evaluation import SUMMARY_METRICS, SUMMARY_PER_LABEL, Evaluation, evaluate_logits
 from qing.evaluate.inference import (
     Batch,
     CUDAUnavailableError,
@@ -35,41 +44,70 @@ from qing.evaluate.inference import (
     iter_logits,
     resolve_device,
 )
-from qing.evaluate.metrics import auroc_bootstrap, compute_metrics, probabilities
+from qing.evaluate.metrics import (
+    auroc_bootstrap,
+    compute_metrics,
+    model_probabilities,
+    probabilities,
+    wilson_interval,
+)
 from qing.evaluate.plots import (
     curve_groups,
     plot_confusion_matrix,
     plot_pr_curves,
+    plot_reliability_diagrams,
+    plot_roc_comparison,
     plot_roc_curves,
     plot_training_curves,
 )
 from qing.evaluate.report import DISCLAIMER, write_report
 from qing.evaluate.thresholds import THRESHOLD_METHODS, choose_thresholds, threshold_method_name
+from qing.evaluate.tta import DEFAULT_TTA_VIEWS, TTAModel, View, augment, tta_views
 
 __all__ = [
+    "CALIBRATION_BINS",
+    "DEFAULT_TTA_VIEWS",
     "DISCLAIMER",
     "SUMMARY_METRICS",
+    "SUMMARY_PER_LABEL",
     "THRESHOLD_METHODS",
     "Batch",
     "CUDAUnavailableError",
+    "Comparison",
     "Evaluation",
     "LoaderLogits",
     "Runner",
+    "TTAModel",
     "TorchRunner",
+    "View",
+    "apply_temperatures",
+    "augment",
     "auroc_bootstrap",
     "autocast",
+    "calibration_bins",
+    "calibration_scores",
     "choose_thresholds",
     "collect_logits",
+    "compare",
     "compute_metrics",
     "curve_groups",
+    "delong_test",
     "evaluate_logits",
+    "expected_calibration_error",
+    "fit_temperatures",
     "iter_logits",
+    "mcnemar_test",
+    "model_probabilities",
     "plot_confusion_matrix",
     "plot_pr_curves",
+    "plot_reliability_diagrams",
+    "plot_roc_comparison",
     "plot_roc_curves",
     "plot_training_curves",
     "probabilities",
     "resolve_device",
     "threshold_method_name",
+    "tta_views",
+    "wilson_interval",
     "write_report",
 ]

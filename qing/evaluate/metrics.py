@@ -1,4 +1,8 @@
-"""Classification metrics with scikit-learn: scores, AUROC with bootstrap intervals, per-label tables.
+"""Classification metrics with scikit-learn: scores with intervals, calibration, per-label tables.
+
+Every rate at the decision threshold (sensitivity, specificity, PPV, NPV, accuracy) has a Wilson
+score interval; AUROC and PR-AUC have percentile-bootstrap intervals from the same resamples; each
+output has its calibration (ECE, equal-mass ECE, Brier score; see :mod:`qing.evaluate.calibration`).
 
 Conventions (shared by all of ``qing.evaluate``): ``probs`` is ``(N, C)`` probabilities;
 ``targets`` is ``(N, C)`` 0/1 for ``"binary"`` (``C == 1``) and ``"multilabel"``, ``(N,)``
@@ -17,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 from scipy.special import expit, softmax
+from scipy.stats import norm
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -28,29 +33,82 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from qing.evaluate._inputs import as_2d_float, as_numpy, check_inputs, jsonable
+from qing.evaluate._inputs import as_numpy, check_inputs, jsonable
+from qing.evaluate.calibration import CALIBRATION_BINS, apply_temperatures, calibration_scores
+from qing.meta import get_meta
 
-__all__ = ["auroc_bootstrap", "compute_metrics", "probabilities"]
+__all__ = ["auroc_bootstrap", "compute_metrics", "model_probabilities", "probabilities", "wilson_interval"]
 
 # Bootstrap resamples are processed in chunks of about this many (resample, sample) cells.
 _CHUNK_CELLS = 2_000_000
 
 
-def probabilities(logits: Any, task: str) -> np.ndarray:
-    """Turn model logits into probabilities.
+def probabilities(logits: Any, task: str, temperatures: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Turn model logits into probabilities, calibrated by temperature scaling when given.
 
     Args:
         logits: ``(N, C)`` logits (numpy array or torch tensor, any float dtype or device);
             ``(N,)`` is accepted for ``"binary"``.
         task: ``"binary"`` or ``"multilabel"`` (sigmoid per output) or ``"multiclass"`` (softmax over ``C``).
+        temperatures: ``C`` temperatures (e.g. ``model.qing_meta.temperatures``): the logits are divided
+            by them first; ``None`` for none.
 
     Returns:
         float64 array ``(N, C)``; multiclass rows sum to 1.
     """
-    z = as_2d_float(logits, "logits", task)
+    z = apply_temperatures(logits, temperatures, task=task)
     if not np.isfinite(z).all():
         raise ValueError(f"logits contain {int((~np.isfinite(z)).sum())} NaN/inf value(s)")
     return softmax(z, axis=1) if task == "multiclass" else expit(z)
+
+
+def model_probabilities(model: Any, logits: Any) -> np.ndarray:
+    """The probabilities a model's logits stand for, calibrated as the model was.
+
+    :func:`probabilities` with the model's task and temperatures from ``model.qing_meta`` (a model
+    without a task is binary with one output, multi-label with more), so the result is on the scale of
+    ``model.qing_meta.thresholds``. A model loaded with ``qing.from_pretrained(..., calibration=False)``
+    has no temperatures: plain sigmoid / softmax.
+
+    Args:
+        model: A qing or timm model (its ``qing_meta`` and ``num_classes`` are read).
+        logits: ``(N, C)`` logits of ``model``.
+
+    Returns:
+        float64 ``(N, C)``.
+    """
+    meta = get_meta(model)
+    num_outputs = int(getattr(model, "num_classes", 0) or np.shape(as_numpy(logits))[-1])
+    task = meta.task or ("binary" if num_outputs == 1 else "multilabel")
+    return probabilities(logits, task, meta.temperatures)
+
+
+def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> Optional[list[float]]:
+    """Wilson score interval of a proportion ``successes / total``.
+
+    ``(k + z^2/2) / (n + z^2)  +/-  z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4)`` with ``z`` the
+    normal quantile of ``(1 + confidence) / 2``. Unlike the normal approximation it stays inside
+    ``[0, 1]`` and is not empty at 0 or ``n`` successes (Wilson, 1927; Brown, Cai & DasGupta, 2001).
+
+    Args:
+        successes: ``k``, e.g. true positives for sensitivity.
+        total: ``n``, e.g. all positives for sensitivity.
+        confidence: Interval coverage.
+
+    Returns:
+        ``[low, high]``, or ``None`` when ``total == 0`` (the rate is undefined).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    k, n = int(successes), int(total)
+    if n < 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= successes <= total, got {k} of {n}")
+    if n == 0:
+        return None
+    z = float(norm.ppf(0.5 + confidence / 2))
+    center = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * np.sqrt(k * (n - k) / n + z * z / 4)
+    return [max(0.0, float(center - half)), min(1.0, float(center + half))]
 
 
 def _weighted_auroc(counts: np.ndarray, order: np.ndarray, starts: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -81,13 +139,39 @@ def _weighted_auroc(counts: np.ndarray, order: np.ndarray, starts: np.ndarray, p
     return auc
 
 
-def _resampled_aurocs(y: np.ndarray, p: np.ndarray, *, n_bootstrap: int, seed: int) -> np.ndarray:
+def _weighted_average_precision(
+    counts: np.ndarray, order: np.ndarray, starts: np.ndarray, positive: np.ndarray
+) -> np.ndarray:
+    """Average precision of one output on each bootstrap resample (arguments as :func:`_weighted_auroc`).
+
+    ``AP = sum_k (positives at score k / all positives) * precision at threshold k`` over the distinct
+    scores ``k`` from the highest down, with the resample's draw counts as weights: equal to
+    ``sklearn.metrics.average_precision_score`` on the resampled arrays.
+
+    Returns:
+        ``(B,)`` average precision, NaN for resamples holding one class only.
+    """
+    weights = counts[:, order]
+    pos = np.add.reduceat(weights * positive, starts, axis=1)[:, ::-1]  # (B, groups), highest score first
+    neg = np.add.reduceat(weights * (1.0 - positive), starts, axis=1)[:, ::-1]
+    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        ap = (pos * precision).sum(axis=1) / tp[:, -1]
+    ap[(tp[:, -1] == 0) | (fp[:, -1] == 0)] = np.nan
+    return ap
+
+
+def _resampled_aurocs(
+    y: np.ndarray, p: np.ndarray, *, n_bootstrap: int, seed: int, average_precision: bool = False
+) -> Any:
     """AUROC of every column on ``n_bootstrap`` resamples, ``(n_bootstrap, C)``, NaN where a class is missing.
 
     Resample ``b`` is row ``b`` of ``np.random.default_rng(seed).integers(0, N, size=(n_bootstrap, N))``
     (drawn in chunks, which yields the same indices); all columns share the resamples.
     Time and memory grow as ``n_bootstrap x N`` per column (about 1 s for 20,000 samples x
-    1000 resamples x 3 columns on one core).
+    1000 resamples x 3 columns on one core). With ``average_precision`` returns ``(aurocs, aps)``:
+    the average precision of every column on the same resamples.
     """
     n, c = p.shape
     columns = []
@@ -98,6 +182,7 @@ def _resampled_aurocs(y: np.ndarray, p: np.ndarray, *, n_bootstrap: int, seed: i
         columns.append((order, starts, y[order, j].astype(np.float64)))
     rng = np.random.default_rng(seed)
     out = np.full((n_bootstrap, c), np.nan)
+    aps = np.full((n_bootstrap, c), np.nan)
     rows = max(1, _CHUNK_CELLS // n)
     for start in range(0, n_bootstrap, rows):
         idx = rng.integers(0, n, size=(min(rows, n_bootstrap - start), n))
@@ -106,7 +191,9 @@ def _resampled_aurocs(y: np.ndarray, p: np.ndarray, *, n_bootstrap: int, seed: i
         counts = counts.astype(np.float64)
         for j, column in enumerate(columns):
             out[start : start + b, j] = _weighted_auroc(counts, *column)
-    return out
+            if average_precision:
+                aps[start : start + b, j] = _weighted_average_precision(counts, *column)
+    return (out, aps) if average_precision else out
 
 
 def _percentile_interval(values: np.ndarray, confidence: float) -> Optional[list[float]]:
@@ -178,14 +265,45 @@ def _resolve_thresholds(thresholds: Optional[Sequence[float]], *, task: str, num
     return thresholds
 
 
-def _label_row(name: str, y: np.ndarray, p: np.ndarray, pred: np.ndarray, threshold: Optional[float]) -> dict:
+def _rate(successes: int, total: int) -> float:
+    return successes / total if total else float("nan")
+
+
+def _rates(y: np.ndarray, pred: np.ndarray, confidence: float) -> dict[str, Any]:
+    """Sensitivity, specificity, PPV, NPV and accuracy of 0/1 predictions, each with its Wilson interval."""
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    out: dict[str, Any] = {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    for name, k, n in (
+        ("sensitivity", tp, tp + fn),
+        ("specificity", tn, tn + fp),
+        ("ppv", tp, tp + fp),
+        ("npv", tn, tn + fn),
+        ("accuracy", tp + tn, len(y)),
+    ):
+        out[name] = _rate(k, n)
+        out[f"{name}_ci"] = wilson_interval(k, n, confidence)
+    return out
+
+
+def _label_row(
+    name: str,
+    y: np.ndarray,
+    p: np.ndarray,
+    pred: np.ndarray,
+    threshold: Optional[float],
+    *,
+    confidence: float,
+    n_bins: int,
+) -> dict:
     """One row of the per-label table for 0/1 targets ``y``, scores ``p`` and 0/1 predictions ``pred``."""
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y, pred, labels=[0, 1], average=None, zero_division=np.nan
-    )
+    _, _, f1, _ = precision_recall_fscore_support(y, pred, labels=[0, 1], average=None, zero_division=np.nan)
     defined = n_pos > 0 and n_neg > 0
+    rates = _rates(y, pred, confidence)
     return {
         "label": name,
         "n_positive": n_pos,
@@ -194,11 +312,11 @@ def _label_row(name: str, y: np.ndarray, p: np.ndarray, pred: np.ndarray, thresh
         "roc_auc": float(roc_auc_score(y, p)) if defined else None,
         "roc_auc_ci": None,
         "pr_auc": float(average_precision_score(y, p)) if defined else None,
-        "accuracy": float(accuracy_score(y, pred)),
-        "precision": precision[1],
-        "sensitivity": recall[1],
-        "specificity": recall[0],
+        "pr_auc_ci": None,
+        **rates,
+        "precision": rates["ppv"],
         "f1": f1[1],
+        **calibration_scores(y, p, n_bins=n_bins),
         "note": None
         if defined
         else f"only {'negative' if n_pos == 0 else 'positive'} targets ({len(y)} samples): AUROC and PR-AUC undefined",
@@ -217,6 +335,7 @@ def compute_metrics(
     confidence: float = 0.95,
     seed: int = 0,
     negative_label: Optional[str] = None,
+    n_bins: int = CALIBRATION_BINS,
 ) -> dict[str, Any]:
     """Evaluate probabilities against targets; every number a report or model card needs.
 
@@ -232,9 +351,13 @@ def compute_metrics(
       one-vs-rest specificity; macro one-vs-rest AUROC and PR-AUC over classes present
       in the targets (equal to ``roc_auc_score(multi_class="ovr")`` when all are).
 
-    The AUROC interval is a seeded percentile bootstrap over samples (see :func:`auroc_bootstrap`);
-    for a mean over labels every resample must contain both classes of every defined label,
-    others are skipped and counted in ``roc_auc_bootstrap["n_skipped"]``.
+    The AUROC and PR-AUC intervals are seeded percentile bootstraps over samples, both from the same
+    resamples (see :func:`auroc_bootstrap`); for a mean over labels every resample must contain both
+    classes of every defined label, others are skipped and counted in ``roc_auc_bootstrap["n_skipped"]``.
+    Rates at the threshold (sensitivity, specificity, PPV, NPV, accuracy) get Wilson intervals
+    (:func:`wilson_interval`) per label, and at the top level for binary (and accuracy for multiclass).
+    Calibration (ECE with ``n_bins`` equal-width and equal-mass bins, Brier score) is per label, its
+    top-level value the mean over all outputs.
 
     Args:
         targets: ``(N, C)`` 0/1 (binary, multilabel) or ``(N,)`` class indices (multiclass).
@@ -248,16 +371,20 @@ def compute_metrics(
         confidence: Interval coverage.
         seed: Seed of the bootstrap resampling.
         negative_label: Binary only: name of the negative class (default ``"not <positive>"``).
+        n_bins: Bins of the calibration errors.
 
     Returns:
         JSON-able dict with ``task, n_samples, label_names, thresholds, threshold_method,
         accuracy, precision, recall, sensitivity, specificity, f1, roc_auc, roc_auc_ci,
-        roc_auc_bootstrap, pr_auc, confusion_matrix, confusion_matrix_labels, per_label,
-        classification_report, notes`` (multilabel adds ``subset_accuracy``). ``confusion_matrix``
+        roc_auc_bootstrap, pr_auc, pr_auc_ci, ece, ece_equal_mass, brier, calibration_bins,
+        confusion_matrix, confusion_matrix_labels, per_label, classification_report, notes``
+        (multilabel adds ``subset_accuracy``; binary adds ``ppv, npv`` and ``<rate>_ci`` for
+        the five rates; multiclass ``accuracy_ci``). ``confusion_matrix``
         is ``[[TN, FP], [FN, TP]]`` (binary), ``C x C`` rows = truth (multiclass) or ``C`` such
         2 x 2 matrices (multilabel). ``per_label`` has one row per output (one-vs-rest for
         multiclass) with counts, threshold, AUROC and its interval, PR-AUC and the
-        thresholded scores; a label with one class has ``roc_auc=None`` and a ``note``.
+        thresholded scores with ``tp, fp, tn, fn`` and the five rates with their ``_ci``, and its
+    ``ece, ece_equal_mass, brier``; a label with one class has ``roc_auc=None`` and a ``note``.
     """
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
@@ -281,18 +408,28 @@ def compute_metrics(
         else:
             method = threshold_method or "given (method not recorded)"
 
-    per_label = [_label_row(names[j], y[:, j], p[:, j], pred[:, j], used[j] if used else None) for j in range(c)]
+    per_label = [
+        _label_row(
+            names[j], y[:, j], p[:, j], pred[:, j], used[j] if used else None, confidence=confidence, n_bins=n_bins
+        )
+        for j in range(c)
+    ]
     defined = [j for j, row in enumerate(per_label) if row["roc_auc"] is not None]
     undefined = [names[j] for j in range(c) if j not in defined]
     boot_summary = None
-    roc_auc_ci = None
+    roc_auc_ci = pr_auc_ci = None
     if n_bootstrap and defined:
-        aucs = _resampled_aurocs(y[:, defined], p[:, defined], n_bootstrap=n_bootstrap, seed=seed)
+        aucs, aps = _resampled_aurocs(
+            y[:, defined], p[:, defined], n_bootstrap=n_bootstrap, seed=seed, average_precision=True
+        )
         for k, j in enumerate(defined):
             per_label[j]["roc_auc_ci"] = _percentile_interval(aucs[:, k], confidence)
-        mean_aucs = np.where(np.isfinite(aucs).all(axis=1), aucs.mean(axis=1), np.nan)
+            per_label[j]["pr_auc_ci"] = _percentile_interval(aps[:, k], confidence)
+        complete = np.isfinite(aucs).all(axis=1)
+        mean_aucs = np.where(complete, aucs.mean(axis=1), np.nan)
         boot_summary = _bootstrap_summary(mean_aucs, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
         roc_auc_ci = boot_summary.pop("ci")
+        pr_auc_ci = _percentile_interval(np.where(complete, aps.mean(axis=1), np.nan), confidence)
         if boot_summary["n_skipped"]:
             notes.append(
                 f"{boot_summary['n_skipped']} of {n_bootstrap} bootstrap resamples lacked a class "
@@ -316,10 +453,17 @@ def compute_metrics(
         cm_labels = [negative_label or f"not {names[0]}", names[0]]
         out.update(
             accuracy=row["accuracy"],
+            accuracy_ci=row["accuracy_ci"],
             precision=row["precision"],
             recall=row["sensitivity"],
             sensitivity=row["sensitivity"],
+            sensitivity_ci=row["sensitivity_ci"],
             specificity=row["specificity"],
+            specificity_ci=row["specificity_ci"],
+            ppv=row["ppv"],
+            ppv_ci=row["ppv_ci"],
+            npv=row["npv"],
+            npv_ci=row["npv_ci"],
             f1=row["f1"],
         )
         cm = confusion_matrix(y[:, 0], pred[:, 0], labels=[0, 1])
@@ -334,7 +478,8 @@ def compute_metrics(
         else:
             truth, guess, labels = y.argmax(axis=1), pred.argmax(axis=1), list(range(c))
             cm = confusion_matrix(truth, guess, labels=labels)
-            out.update(accuracy=float(accuracy_score(truth, guess)))
+            correct = int((truth == guess).sum())
+            out.update(accuracy=correct / n, accuracy_ci=wilson_interval(correct, n, confidence))
         cm_labels = names
         precision, recall, f1, _ = precision_recall_fscore_support(
             truth, guess, labels=labels, average="macro", zero_division=np.nan
@@ -355,6 +500,11 @@ def compute_metrics(
         roc_auc_ci=roc_auc_ci,
         roc_auc_bootstrap=boot_summary,
         pr_auc=pr_auc,
+        pr_auc_ci=pr_auc_ci,
+        ece=float(np.mean([row["ece"] for row in per_label])),
+        ece_equal_mass=float(np.mean([row["ece_equal_mass"] for row in per_label])),
+        brier=float(np.mean([row["brier"] for row in per_label])),
+        calibration_bins=n_bins,
         confusion_matrix=cm,
         confusion_matrix_labels=cm_labels,
         per_label=per_label,

@@ -1,4 +1,4 @@
-"""PNG figures of a run: training curves, confusion matrix, ROC and precision-recall curves.
+"""PNG figures of a run: training curves, confusion matrix, ROC, precision-recall and reliability curves.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, no GUI
 backend; PNGs are rendered by Agg), so these functions are safe in scripts, workers and
@@ -22,8 +22,17 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 
 from qing._io import save_figure
 from qing.evaluate._inputs import as_numpy, check_inputs
+from qing.evaluate.calibration import CALIBRATION_BINS, calibration_bins, expected_calibration_error
 
-__all__ = ["curve_groups", "plot_confusion_matrix", "plot_pr_curves", "plot_roc_curves", "plot_training_curves"]
+__all__ = [
+    "curve_groups",
+    "plot_confusion_matrix",
+    "plot_pr_curves",
+    "plot_reliability_diagrams",
+    "plot_roc_comparison",
+    "plot_roc_curves",
+    "plot_training_curves",
+]
 
 PathLike = Union[str, Path]
 _DPI = 100
@@ -258,3 +267,86 @@ def plot_pr_curves(
         targets, probs, path, task=task, label_names=label_names, display=PrecisionRecallDisplay,
         xlabel="recall (sensitivity)", ylabel="precision",
     )  # fmt: skip
+
+
+def plot_reliability_diagrams(
+    targets: Any,
+    probs: Any,
+    path: PathLike,
+    *,
+    task: str,
+    label_names: Sequence[str],
+    uncalibrated_probs: Any = None,
+    n_bins: int = CALIBRATION_BINS,
+) -> Path:
+    """Reliability diagram per output (one-vs-rest for multiclass): observed frequency against probability.
+
+    Each non-empty equal-width bin is a point at (mean probability, fraction positive), the points of
+    :func:`~qing.evaluate.calibration_bins` (the same as ``sklearn.calibration.CalibrationDisplay``);
+    a calibrated model lies on the diagonal. The legend gives each curve's ECE. A bar strip along
+    the bottom shows how many images fall in each bin.
+
+    Args:
+        targets: As for :func:`qing.evaluate.compute_metrics`.
+        probs: ``(N, C)`` probabilities (calibrated, when ``uncalibrated_probs`` is given).
+        path: PNG file to write.
+        task: ``"binary"``, ``"multilabel"`` or ``"multiclass"``.
+        label_names: ``C`` names.
+        uncalibrated_probs: ``(N, C)`` probabilities before temperature scaling, drawn dashed in the
+            same panels.
+        n_bins: Equal-width bins.
+
+    Returns:
+        ``path``.
+    """
+    fig, panels = _curve_panels(targets, probs, task=task, label_names=label_names)
+    raw = None if uncalibrated_probs is None else check_inputs(targets, uncalibrated_probs, task=task)[1]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for j, (ax, label, y, p) in enumerate(panels):
+        ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+        curves = [("calibrated" if raw is not None else "model", p, "-", "tab:blue")]
+        if raw is not None:
+            curves.append(("before scaling", raw[:, j], "--", "tab:orange"))
+        for name, values, style, color in curves:
+            table = calibration_bins(y, values, n_bins=n_bins)
+            ece = expected_calibration_error(y, values, n_bins=n_bins)
+            ax.plot(table["mean_prob"], table["frac_pos"], style, marker="o", markersize=3, color=color,
+                    label=f"{name} (ECE {ece:.3f})")  # fmt: skip
+        counts = np.histogram(p, bins=edges)[0]
+        ax.bar(edges[:-1], 0.15 * counts / max(1, counts.max()), width=1.0 / n_bins, align="edge",
+               color="lightgray", zorder=0)  # fmt: skip
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="fraction positive")
+        ax.set_title(label, fontsize="medium")
+        ax.legend(loc="upper left", fontsize="x-small")
+    return save_figure(fig, path, dpi=_DPI)
+
+
+def plot_roc_comparison(
+    targets: Any, probs_by_model: Mapping[str, Any], path: PathLike, *, label_names: Sequence[str]
+) -> Path:
+    """Overlaid ROC curves of several models on the same images, one panel per output.
+
+    Args:
+        targets: ``(N, C)`` 0/1 (one-hot for multiclass).
+        probs_by_model: Model name -> its ``(N, C)`` probabilities on the same images.
+        path: PNG file to write.
+        label_names: ``C`` names.
+
+    Returns:
+        ``path``.
+    """
+    y = as_numpy(targets).astype(np.int64)
+    y = y[:, None] if y.ndim == 1 else y
+    fig, panels = _curve_panels(y, np.zeros(y.shape), task="multilabel", label_names=label_names)
+    for j, (ax, label, truth, _) in enumerate(panels):
+        if truth.min() == truth.max():
+            _undefined(ax, label, truth)
+            continue
+        for k, (name, probs) in enumerate(probs_by_model.items()):
+            p = np.asarray(probs, dtype=np.float64).reshape(len(y), -1)[:, j]
+            RocCurveDisplay.from_predictions(truth, p, ax=ax, name=name, plot_chance_level=k == 0)
+        ax.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)")
+        ax.set_title(label, fontsize="medium")
+        for text in ax.get_legend().get_texts():
+            text.set_fontsize("small")
+    return save_figure(fig, path, dpi=_DPI)

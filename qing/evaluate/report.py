@@ -9,14 +9,21 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from qing._format import MISSING, format_value
 from qing._io import write_text_atomic
-from qing.evaluate.plots import plot_confusion_matrix, plot_pr_curves, plot_roc_curves, plot_training_curves
-from qing.explain import save_attention_overlays, save_feature_maps_figure
+from qing.evaluate.plots import (
+    plot_confusion_matrix,
+    plot_pr_curves,
+    plot_reliability_diagrams,
+    plot_roc_curves,
+    plot_training_curves,
+)
+from qing.explain import gradcam_layer, save_attention_overlays, save_feature_maps_figure, save_gradcam_overlays
 from qing.version import __version__
 
 __all__ = ["DISCLAIMER", "MAX_REPORT_IMAGES", "write_report"]
@@ -30,6 +37,8 @@ DISCLAIMER = (
 #: At most this many input images are shown in the attention and feature-map figures.
 MAX_REPORT_IMAGES = 8
 
+_log = logging.getLogger(__name__)
+
 PathLike = Union[str, Path]
 BadFile = Union[str, Path, tuple[Any, Any], Mapping[str, Any]]
 
@@ -40,6 +49,17 @@ Block = tuple
 
 def _ci(interval: Optional[Sequence[float]]) -> str:
     return MISSING if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"
+
+
+def _with_ci(value: Any, interval: Optional[Sequence[float]]) -> str:
+    """``0.912 (0.850 – 0.960)``; the value alone when there is no interval."""
+    text = format_value(value)
+    return f"{text} ({_ci(interval)})" if interval and text != MISSING else text
+
+
+def _confidence(metrics: Mapping[str, Any]) -> int:
+    boot = metrics.get("roc_auc_bootstrap") or {}
+    return round(100 * boot.get("confidence", 0.95))
 
 
 def _bad_file_line(item: BadFile) -> str:
@@ -55,29 +75,40 @@ def _bad_file_line(item: BadFile) -> str:
 def _summary_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     task = metrics["task"]
     mean = "" if task == "binary" else " (mean over labels)" if task == "multilabel" else " (macro, one-vs-rest)"
+    average = "" if task == "binary" else " (macro)"
     boot = metrics.get("roc_auc_bootstrap") or {}
-    ci_name = f"AUROC {round(100 * boot['confidence'])}% CI" if boot else "AUROC CI"
+    bins = metrics.get("calibration_bins", 15)
+
+    def row(name: str, key: str) -> list[str]:
+        return [name, format_value(metrics.get(key)), _ci(metrics.get(f"{key}_ci")) if f"{key}_ci" in metrics else ""]
+
     rows = [
-        ["samples", format_value(metrics["n_samples"])],
-        ["accuracy" + (" (label-wise)" if task == "multilabel" else ""), format_value(metrics["accuracy"])],
+        ["samples", format_value(metrics["n_samples"]), ""],
+        row("accuracy" + (" (label-wise)" if task == "multilabel" else ""), "accuracy"),
     ]
     if task == "multilabel":
-        rows.append(["subset accuracy (exact match)", format_value(metrics["subset_accuracy"])])
-    average = "" if task == "binary" else " (macro)"
+        rows.append(row("subset accuracy (exact match)", "subset_accuracy"))
     rows += [
-        ["precision" + average, format_value(metrics["precision"])],
-        ["sensitivity (recall)" + average, format_value(metrics["sensitivity"])],
-        ["specificity" + ("" if task == "binary" else " (mean)"), format_value(metrics["specificity"])],
-        ["F1" + average, format_value(metrics["f1"])],
-        ["AUROC" + mean, format_value(metrics["roc_auc"])],
-        [ci_name, _ci(metrics.get("roc_auc_ci"))],
-        ["PR-AUC (average precision)" + mean, format_value(metrics["pr_auc"])],
+        row("sensitivity (recall)" + average, "sensitivity"),
+        row("specificity" + ("" if task == "binary" else " (mean)"), "specificity"),
+        row("PPV (precision)" + average, "ppv" if task == "binary" else "precision"),
+    ]
+    if task == "binary":
+        rows.append(row("NPV", "npv"))
+    rows += [
+        row("F1" + average, "f1"),
+        row("AUROC" + mean, "roc_auc"),
+        row("PR-AUC (average precision)" + mean, "pr_auc"),
+        row(f"ECE, {bins} equal-width bins" + mean, "ece"),
+        row(f"ECE, {bins} equal-mass bins" + mean, "ece_equal_mass"),
+        row("Brier score" + mean, "brier"),
     ]
     if boot:
         rows.append(
             [
-                "bootstrap",
+                "bootstrap (AUROC, PR-AUC)",
                 f"{boot['method']}, {boot['n_resamples']} resamples, seed {boot['seed']}, {boot['n_skipped']} skipped",
+                "",
             ]
         )
     return rows
@@ -98,7 +129,9 @@ def _threshold_text(metrics: Mapping[str, Any]) -> str:
         what = f"Decision threshold {metrics['thresholds'][0]:.4g}"
     else:
         what = "Decision thresholds per label (see the table)"
-    return f"{what}: {rule}. A sample is positive when its probability >= threshold."
+    calibrated = (metrics.get("calibration") or {}).get("temperatures") is not None
+    scale = "calibrated probability (after temperature scaling)" if calibrated else "probability"
+    return f"{what}: {rule}. A sample is positive when its {scale} >= threshold."
 
 
 def _per_label_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
@@ -107,16 +140,44 @@ def _per_label_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
             row["label"],
             format_value(row["n_positive"]),
             format_value(row["n_negative"]),
-            format_value(row["roc_auc"]),
-            _ci(row["roc_auc_ci"]),
-            format_value(row["pr_auc"]),
             "argmax" if row["threshold"] is None else f"{row['threshold']:.4g}",
-            format_value(row["sensitivity"]),
-            format_value(row["specificity"]),
+            *(_with_ci(row[key], row.get(f"{key}_ci")) for key in _PER_LABEL_RATES),
             row["note"] or "",
         ]
         for row in metrics["per_label"]
     ]
+
+
+def _calibration_blocks(metrics: Mapping[str, Any], figure: str) -> list[Block]:
+    record = metrics.get("calibration") or {}
+    temperatures = record.get("temperatures")
+    before = record.get("uncalibrated")
+    bins = metrics.get("calibration_bins", 15)
+    if temperatures is None:
+        intro = (
+            "Probabilities as the model gives them (no temperature scaling). A calibrated model's images with "
+            f"probability p are positive a fraction p of the time. ECE: the mean gap between the two over {bins} "
+            f"bins (equal-width, or equal-mass with about N/{bins} images each); Brier score: mean (p - y)^2."
+        )
+    else:
+        intro = (
+            f"Probabilities after temperature scaling (logits divided by T, {record.get('source') or 'given'}); "
+            f"the numbers before scaling are beside them. ECE: the mean gap between predicted probability and "
+            f"observed frequency over {bins} bins; Brier score: mean (p - y)^2. Scaling keeps the ranking, so "
+            "AUROC and PR-AUC are unchanged."
+        )
+    headers = ["label", "ECE", "ECE (equal-mass)", "Brier"]
+    if temperatures is not None:
+        headers = ["label", "temperature", *headers[1:], "ECE before", "Brier before"]
+    rows = []
+    for j, row in enumerate(metrics["per_label"]):
+        cells = [row["label"], *(format_value(row[k]) for k in ("ece", "ece_equal_mass", "brier"))]
+        if temperatures is not None:
+            raw = before["per_label"][j] if before else {}
+            cells = [cells[0], f"{temperatures[j]:.3g}", *cells[1:],
+                     format_value(raw.get("ece")), format_value(raw.get("brier"))]  # fmt: skip
+        rows.append(cells)
+    return [("text", intro), ("table", headers, rows), ("image", figure, "reliability diagrams")]
 
 
 def _confusion_block(metrics: Mapping[str, Any]) -> Optional[Block]:
@@ -127,8 +188,10 @@ def _confusion_block(metrics: Mapping[str, Any]) -> Optional[Block]:
     return ("table", ["", *(f"predicted {label}" for label in labels)], rows)
 
 
+_PER_LABEL_RATES = ("roc_auc", "pr_auc", "sensitivity", "specificity", "ppv", "npv")
 _PER_LABEL_HEADERS = [
-    "label", "positives", "negatives", "AUROC", "AUROC CI", "PR-AUC", "threshold", "sensitivity", "specificity", "note",
+    "label", "positives", "negatives", "threshold", "AUROC", "PR-AUC", "sensitivity", "specificity", "PPV", "NPV",
+    "note",
 ]  # fmt: skip
 _PER_LABEL_HEADINGS = {"binary": "Per label", "multilabel": "Per-label AUROC", "multiclass": "Per class (one-vs-rest)"}
 
@@ -147,10 +210,18 @@ def _sections(
     if table is not None:
         confusion.append(table)
     confusion.append(("image", figures["confusion"], "confusion matrix"))
+    ci = f"{_confidence(metrics)}% CI"
+    per_label_note = (
+        f"Each value with its {ci}: bootstrap for AUROC and PR-AUC, Wilson score for the rates at the threshold "
+        "(PPV and NPV at this test set's prevalence)."
+    )
     sections: list[tuple[str, list[Block]]] = [
-        ("Summary", [("table", ["metric", "value"], _summary_rows(metrics))]),
+        ("Summary", [("table", ["metric", "value", ci], _summary_rows(metrics))]),
         ("Decision threshold", [("text", _threshold_text(metrics))]),
-        (_PER_LABEL_HEADINGS[metrics["task"]], [("table", _PER_LABEL_HEADERS, _per_label_rows(metrics))]),
+        (
+            _PER_LABEL_HEADINGS[metrics["task"]],
+            [("text", per_label_note), ("table", _PER_LABEL_HEADERS, _per_label_rows(metrics))],
+        ),
         ("Confusion matrix", confusion),
         (
             "Training curves",
@@ -159,7 +230,15 @@ def _sections(
         ),
         ("ROC curves", [("image", figures["roc"], "ROC curves")]),
         ("Precision-recall curves", [("image", figures["pr"], "precision-recall curves")]),
+        ("Calibration", _calibration_blocks(metrics, figures["reliability"])),
     ]  # fmt: skip
+    if "gradcam" in figures:
+        gradcam_text = (
+            f"Grad-CAM at the backbone's last stage over {n_shown} input image(s), for each image's highest output: "
+            "the regions whose features raise that output's logit. Coarse (one cell of the last feature map) and a "
+            "heuristic: a check for shortcuts, not a localization of disease."
+        )
+        sections.append(("Grad-CAM", [("text", gradcam_text), ("image", figures["gradcam"], "Grad-CAM")]))
     if "attention" in figures:
         attention_text = (
             f"Class-token attention ({attention_method}) over {n_shown} input image(s). It shows where the model "
@@ -252,6 +331,7 @@ def write_report(
     bad_files: Iterable[BadFile] = (),
     title: str = "",
     attention_method: str = "rollout",
+    uncalibrated_probs: Any = None,
 ) -> Path:
     """Write a run's results folder and its one-page report.
 
@@ -259,13 +339,16 @@ def write_report(
 
     - ``metrics.json``: ``metrics`` as given.
     - ``curves.png``: training curves, when ``history`` has epochs.
-    - ``confusion_matrix.png``, ``roc.png``, ``pr.png``.
-    - ``attention.png`` (class-token heatmaps over the inputs) and ``feature_maps.png`` (most
-      active CNN channels), when ``model`` and ``images`` are given (first
-      ``MAX_REPORT_IMAGES`` images).
-    - ``report.html`` and ``report.md``: summary metrics with the AUROC interval, the
-      threshold and how it was chosen, the per-label table, the confusion matrix, the
-      figures (linked by relative file name), skipped files, notes and a research-use disclaimer.
+    - ``confusion_matrix.png``, ``roc.png``, ``pr.png``, ``reliability.png``.
+    - ``gradcam.png`` (Grad-CAM of each image's highest output), when ``model`` (any model with a CNN
+      backbone) and ``images`` are given; for a qing CNN-Transformer also ``attention.png``
+      (class-token heatmaps) and ``feature_maps.png`` (most active CNN channels); first
+      ``MAX_REPORT_IMAGES`` images.
+    - ``report.html`` and ``report.md``: summary metrics with their intervals, the threshold and
+      how it was chosen, the per-label table, calibration, the confusion matrix, the figures (linked
+      by relative file name), skipped files, notes and a research-use disclaimer.
+
+    Every file is written atomically (a reader never sees half of one).
 
     Args:
         out_dir: Results folder.
@@ -275,7 +358,8 @@ def write_report(
         label_names: ``C`` names.
         task: ``"binary"``, ``"multilabel"`` or ``"multiclass"``.
         history: Per-epoch dicts (``epoch``, ``train_loss``, ``val_loss``, ``val_auroc``, ``lr``, ...).
-        model: A qing ``CNNTransformer`` for the attention and feature-map figures.
+        model: A model for the Grad-CAM figure (a qing ``CNNTransformer`` also gets the attention and
+            feature-map figures).
         images: Normalized input images ``(B, C, H, W)`` for those figures.
         mean: Normalization mean of ``images`` (default ``model.pretrained_cfg["mean"]``).
         std: Normalization std of ``images`` (default ``model.pretrained_cfg["std"]``).
@@ -283,6 +367,8 @@ def write_report(
             ``(path, reason)`` pairs or ``{"path", "reason"}`` mappings.
         title: Report title (default "qing evaluation report").
         attention_method: ``"rollout"`` or ``"last"`` for ``attention.png``.
+        uncalibrated_probs: ``(N, C)`` probabilities before temperature scaling, drawn beside ``probs``
+            in the reliability diagrams.
 
     Returns:
         Path of ``report.html``.
@@ -309,20 +395,36 @@ def write_report(
         targets, probs, out / "roc.png", task=task, label_names=label_names, thresholds=thresholds
     ).name
     figures["pr"] = plot_pr_curves(targets, probs, out / "pr.png", task=task, label_names=label_names).name
+    figures["reliability"] = plot_reliability_diagrams(
+        targets, probs, out / "reliability.png", task=task, label_names=label_names,
+        uncalibrated_probs=uncalibrated_probs, n_bins=metrics.get("calibration_bins", 15),
+    ).name  # fmt: skip
     n_shown = 0
     if model is not None:
         shown = images[:MAX_REPORT_IMAGES]
         n_shown = len(shown)
-        figures["attention"] = save_attention_overlays(
-            model, shown, out / "attention.png", mean=mean, std=std, method=attention_method
-        ).name
-        figures["features"] = save_feature_maps_figure(model, shown, out / "feature_maps.png", mean=mean, std=std).name
+        if _has_cnn_stage(model):
+            figures["gradcam"] = save_gradcam_overlays(model, shown, out / "gradcam.png", mean=mean, std=std).name
+        if hasattr(model, "forward_attention"):
+            figures["attention"] = save_attention_overlays(
+                model, shown, out / "attention.png", mean=mean, std=std, method=attention_method
+            ).name
+            figures["features"] = save_feature_maps_figure(
+                model, shown, out / "feature_maps.png", mean=mean, std=std
+            ).name
 
     sections = _sections(
         metrics, figures=figures, n_shown=n_shown, bad_files=bad_files, attention_method=attention_method
     )
     title = title or "qing evaluation report"
     write_text_atomic(out / "report.md", _render_markdown(title, sections))
-    path = out / "report.html"
-    write_text_atomic(path, _render_html(title, sections))
-    return path
+    return write_text_atomic(out / "report.html", _render_html(title, sections))
+
+
+def _has_cnn_stage(model: Any) -> bool:
+    try:
+        gradcam_layer(model)
+    except TypeError as err:
+        _log.info("no Grad-CAM figure: %s", err)
+        return False
+    return True
