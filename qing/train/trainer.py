@@ -261,6 +261,8 @@ class Trainer:
             name=cfg.optimizer,
             lr=cfg.lr,
             backbone_lr=cfg.backbone_lr,
+            encoder_lr=cfg.encoder_lr,
+            encoder_weight_decay=cfg.encoder_weight_decay,
             weight_decay=cfg.weight_decay,
             momentum=cfg.momentum,
         )
@@ -276,7 +278,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.ema = ModelEmaV3(self._model, decay=cfg.ema_decay) if cfg.ema else None
-        self.stopper = EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience)
+        self.stopper = EarlyStopping(cfg.monitor_metric(self.splits.task), cfg.early_stopping_patience)
         if last is not None:
             self._resume(last)
         self.schedule.step_update(self.global_step)
@@ -490,10 +492,10 @@ class Trainer:
             record = {"epoch": epoch + 1, "train_loss": train_loss, **val, **self._lrs()}
             record.update(epoch_time_s=elapsed, train_images_per_s=n_images / max(elapsed, 1e-9))
             self.schedule.step_epoch(record["val_loss"])
-            if cfg.early_stopping_metric not in record:
+            if self.stopper.metric not in record:
                 known = sorted(k for k in record if k.startswith("val_"))
-                raise ValueError(f"early_stopping_metric {cfg.early_stopping_metric!r} is not one of {known}")
-            improved = self.stopper.update(record[cfg.early_stopping_metric], epoch + 1)
+                raise ValueError(f"early_stopping_metric {self.stopper.metric!r} is not one of {known}")
+            improved = self.stopper.update(record[self.stopper.metric], epoch + 1)
             self.history.append(record)
             self.stopped_early = self.stopper.should_stop
             for entry in all_gather_objects(self.bad_files.to_list(), self.env):
@@ -524,7 +526,7 @@ class Trainer:
             if self.stopped_early:
                 _log.info(
                     "early stopping after epoch %d: %s has not improved for %d epochs (best %.4g at epoch %d)",
-                    epoch + 1, cfg.early_stopping_metric, self.stopper.bad_epochs, self.stopper.best,
+                    epoch + 1, self.stopper.metric, self.stopper.bad_epochs, self.stopper.best,
                     self.stopper.best_epoch,
                 )  # fmt: skip
 
