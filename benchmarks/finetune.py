@@ -490,6 +490,8 @@ def cv_train_config(model: str, fold: int, args: argparse.Namespace, data: dict[
         "log_images": 0,
         "n_bootstrap": 0,
         "device": args.device,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
     }
     if args.early_stopping_metric:
         values["early_stopping_metric"] = args.early_stopping_metric
@@ -718,6 +720,7 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
         "models": list(pooled),
         "img_size": args.img_size,
         "epochs_max": args.epochs,
+        "precision": f"amp={args.amp}, channels_last={args.channels_last}",
         "recipe": "TrainConfig() defaults for every model (AdamW lr 1e-4, weight decay 0.01, cosine, 1 warmup epoch)",
         "best_checkpoint": f"best {first['monitor']} on validation (early stopping patience "
         f"{first['recipe']['early_stopping_patience']})",
@@ -1020,6 +1023,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="--cv: a model argument for one model (YAML value), e.g. qing_densenet121_r2:token_drop_rate=0.2",
     )
     parser.add_argument("--cache-images", action="store_true", help="train with the in-memory image cache")
+    parser.add_argument("--amp", default="auto", help="--cv: TrainConfig.amp (auto, none, bf16, fp16)")
+    parser.add_argument("--channels-last", action="store_true", help="--cv: TrainConfig.channels_last")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
