@@ -49,6 +49,7 @@ def test_required_family_is_registered():
     required = {
         "qing_densenet121_tr2", "qing_densenet121_tr4", "qing_resnet50_tr2",
         "qing_convnext_tiny_tr2", "qing_efficientnet_b0_tr2", "qing_test_tr1",
+        "qing_densenet121_r2", "qing_resnet50_r2", "qing_convnext_tiny_r2", "qing_efficientnet_b0_r2", "qing_test_r1",
     }  # fmt: skip
     assert required <= set(MODELS)
     assert set(timm.list_models("qing_*")) == set(MODELS)
