@@ -433,7 +433,7 @@ def make_folds(rows: list[dict[str, str]], data: dict[str, Any], k: int, seed: i
 def _fold_csv(args: argparse.Namespace, fieldnames: list[str], rows: list[dict[str, str]], assign: dict[str, str],
               fold: int, data: dict[str, Any]) -> Path:  # fmt: skip
     """The dataset CSV with a ``cv_split`` column for one fold, under the work folder."""
-    path = args.work_dir / f"{args.dataset}_cv{args.cv}" / f"fold{fold}.csv"
+    path = _cv_dir(args) / f"fold{fold}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     column = data.get("path_column", "path")
     with open(path, "w", newline="") as f:
@@ -442,6 +442,21 @@ def _fold_csv(args: argparse.Namespace, fieldnames: list[str], rows: list[dict[s
         for row in rows:
             writer.writerow({**row, CV_SPLIT_COLUMN: assign[row[column]]})
     return path
+
+
+def _cv_dir(args: argparse.Namespace) -> Path:
+    """The work folder of one cross-validation protocol (a changed setting never reuses another's runs)."""
+    name = f"{args.dataset}_cv{args.cv}_seed{args.fold_seed}_{args.img_size}px_{args.epochs}ep"
+    if args.early_stopping_metric:
+        name += f"_stop_{args.early_stopping_metric}"
+    if args.amp != "auto" or args.channels_last:
+        name += f"_amp_{args.amp}{'_cl' if args.channels_last else ''}"
+    return args.work_dir / name
+
+
+def _run_name(args: argparse.Namespace, model: str) -> str:
+    """A model's run-folder name: the model and its ``--model-arg`` settings."""
+    return model + "".join(f"_{k}_{v}" for k, v in sorted(args.model_arg.get(model, {}).items()))
 
 
 def cv_init_weights(arch: str, fold: int, num_classes: int, work_dir: Path) -> Path:
@@ -483,7 +498,7 @@ def cv_train_config(model: str, fold: int, args: argparse.Namespace, data: dict[
         "pretrained": True,
         "pretrained_file": str(init_file),
         "data": dict(data, cache_images=args.cache_images),
-        "output_dir": str(args.work_dir / f"{args.dataset}_cv{args.cv}" / f"{model}_fold{fold}"),
+        "output_dir": str(_cv_dir(args) / f"{_run_name(args, model)}_fold{fold}"),
         "overwrite": True,
         "tensorboard": False,
         "progress": False,
@@ -500,7 +515,7 @@ def cv_train_config(model: str, fold: int, args: argparse.Namespace, data: dict[
 
 def cv_run_one(model: str, fold: int, args: argparse.Namespace, data: dict[str, Any], num_classes: int):
     """Train and test one (model, fold); result (with the test probabilities) cached as ``result.json``."""
-    config_dir = args.work_dir / f"{args.dataset}_cv{args.cv}" / f"{model}_fold{fold}"
+    config_dir = _cv_dir(args) / f"{_run_name(args, model)}_fold{fold}"
     cached = config_dir / "result.json"
     if args.reuse and cached.is_file():
         _log.info("reusing %s", cached)
@@ -1051,7 +1066,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.models = args.cv_models
         results = crossval(args)
         size = f"_{args.img_size}px" if args.img_size != DATASETS[args.dataset]["img_size"] else ""
-        name = f"{args.command}_cv{args.cv}{size}"
+        tweaks = "".join(f"_{_run_name(args, m)}" for m in args.models if args.model_arg.get(m))
+        name = f"{args.command}_cv{args.cv}{size}{tweaks}"
     else:
         results = cache_timing(args) if args.command == "cache" else benchmark(args)
         name = args.command + _variant(args)
