@@ -177,6 +177,16 @@ def test_reset_classifier_and_another_class_count_close_the_gate_again(tmp_path,
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])  # the rest loads
 
 
+def test_bad_head_type_and_the_original_design_untouched():
+    with pytest.raises(ValueError, match=r"head_type='mlp' is not supported; use one of \('encoder', 'residual'\)"):
+        qing.create_model("qing_test_tr1", head_type="mlp")
+    original = qing.create_model("qing_densenet121_tr2", device="meta")
+    assert original.head_type == "encoder" and isinstance(original.head, nn.Linear)
+    assert original.num_features == original.embed_dim == 512
+    assert isinstance(original.backbone.features.norm5.act, nn.Identity)  # the original strips the final ReLU
+    assert not any(k.startswith("head.") and k not in ("head.weight", "head.bias") for k in original.state_dict())
+
+
 # ---- features, token dropout, explanation, freezing --------------------------------------------------
 
 
