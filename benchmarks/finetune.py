@@ -31,6 +31,18 @@ speed of each (results ``finetune_<name>_amp_<device>.json``). On a CPU without 
 the bf16 runs are forced (``QING_CPU_BF16=1``): the numbers (bf16 rounding) are those of a CPU that has
 them, the speed is not.
 
+Cross-validation (``--cv K``) compares any of :data:`CV_MODELS` (default: the residual hybrid
+``qing_densenet121_r2``, the original design ``qing_densenet121_tr2`` and timm's ``densenet121``) on K
+patient-grouped folds: every image is tested exactly once, each fold trains every model with the same
+recipe (``TrainConfig()``'s defaults), epochs, data and initial weights, with the fold index as seed.
+Every model starts from one DenseNet121 file per fold *including its classifier*, so the residual hybrid
+starts as exactly the same function as ``densenet121`` (its gate is 0). Out-of-fold test probabilities are
+pooled for one AUROC per model, and models are compared on the same images with a paired bootstrap that
+resamples patients::
+
+    python benchmarks/finetune.py pneumonia200 --cv 5 --img-size 96 --epochs 10
+    python benchmarks/finetune.py nih14 --cv 5 --img-size 64 --epochs 8
+
 Control experiments change one thing for a whole benchmark and get a suffix in the results name:
 ``--early-stopping-metric val_auroc`` (both models), ``--hybrid-recipe baseline`` (the hybrid trained
 with :data:`BASELINE_RECIPE`), ``--hybrid-arg KEY=VALUE`` (a hybrid model argument).
@@ -43,6 +55,7 @@ a ``phase``: ``summary``, ``per_seed`` and ``per_label`` for the accuracy runs, 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -57,6 +70,7 @@ from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the benchmark never downloads weights
 
+import numpy as np
 import torch
 import yaml
 
@@ -121,6 +135,33 @@ RECIPE_FIELDS = (
     "early_stopping_patience",
     "model_args",
 )
+
+#: Models the cross-validation can compare: (backbone architecture, weight tag naming its layout).
+CV_MODELS: dict[str, tuple[str, str]] = {
+    "qing_densenet121_r2": ("densenet121", "tv_in1k"),
+    "qing_densenet121_tr2": ("densenet121", "tv_in1k"),
+    "densenet121": ("densenet121", "tv_in1k"),
+    "qing_resnet50_r2": ("resnet50", "a1_in1k"),
+    "qing_resnet50_tr2": ("resnet50", "a1_in1k"),
+    "resnet50": ("resnet50", "a1_in1k"),
+    # tiny: a smoke test of the protocol in seconds
+    "qing_test_r1": ("test_resnet", "r160_in1k"),
+    "qing_test_tr1": ("test_resnet", "r160_in1k"),
+    "test_resnet": ("test_resnet", "r160_in1k"),
+}
+CV_DEFAULT_MODELS = ["qing_densenet121_r2", "qing_densenet121_tr2", "densenet121"]
+#: Paired comparisons reported (first minus second), when both models ran.
+CV_PAIRS = [
+    ("qing_densenet121_r2", "densenet121"),
+    ("qing_densenet121_r2", "qing_densenet121_tr2"),
+    ("qing_densenet121_tr2", "densenet121"),
+    ("qing_resnet50_r2", "resnet50"),
+    ("qing_resnet50_r2", "qing_resnet50_tr2"),
+    ("qing_resnet50_tr2", "resnet50"),
+    ("qing_test_r1", "test_resnet"),
+    ("qing_test_r1", "qing_test_tr1"),
+]
+CV_SPLIT_COLUMN = "cv_split"
 
 _log = logging.getLogger("finetune")
 
@@ -365,6 +406,369 @@ def comparison(records: list[dict[str, Any]]) -> dict[str, Any]:
         "seeds": len(diffs),
         "hybrid_at_least_as_good (mean)": None if mean is None else mean >= 0,
     }
+
+
+# ---- cross-validation ------------------------------------------------------------------------------
+
+
+def _read_rows(data: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
+    """The dataset CSV's rows and the fieldnames."""
+    with open(data["labels_csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
+
+
+def _strata(row: dict[str, str], data: dict[str, Any]) -> str:
+    """What the folds are stratified by: the class, or for multi-label data whether any label is positive."""
+    if data.get("label_column"):
+        return row[data["label_column"]]
+    return str(int(any(row[c] == "1" for c in data["label_columns"])))
+
+
+def make_folds(rows: list[dict[str, str]], data: dict[str, Any], k: int, seed: int) -> list[dict[str, str]]:
+    """Patient-grouped, stratified ``k``-fold assignment: ``[{row path: "train"|"val"|"test"}, ...]``.
+
+    Fold ``i`` tests one ``k``-th of the patients; of the rest, one in ``k`` patient groups (again
+    stratified) validates, the others train. Every image is in exactly one test fold.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    paths = [r[data.get("path_column", "path")] for r in rows]
+    groups = [r[data["patient_column"]] for r in rows]
+    strata = [_strata(r, data) for r in rows]
+    outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = []
+    for fold, (rest, test) in enumerate(outer.split(paths, strata, groups)):
+        inner = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + 1 + fold)
+        _, val = next(inner.split(rest, [strata[i] for i in rest], [groups[i] for i in rest]))
+        assign = {paths[i]: "train" for i in rest}
+        assign.update({paths[rest[i]]: "val" for i in val})
+        assign.update({paths[i]: "test" for i in test})
+        folds.append(assign)
+    return folds
+
+
+def _fold_csv(args: argparse.Namespace, fieldnames: list[str], rows: list[dict[str, str]], assign: dict[str, str],
+              fold: int, data: dict[str, Any]) -> Path:  # fmt: skip
+    """The dataset CSV with a ``cv_split`` column for one fold, under the work folder."""
+    path = _cv_dir(args) / f"fold{fold}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    column = data.get("path_column", "path")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*fieldnames, CV_SPLIT_COLUMN])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, CV_SPLIT_COLUMN: assign[row[column]]})
+    return path
+
+
+def _cv_dir(args: argparse.Namespace) -> Path:
+    """The work folder of one cross-validation protocol (a changed setting never reuses another's runs)."""
+    name = f"{args.dataset}_cv{args.cv}_seed{args.fold_seed}_{args.img_size}px_{args.epochs}ep"
+    if args.early_stopping_metric:
+        name += f"_stop_{args.early_stopping_metric}"
+    if args.amp != "auto" or args.channels_last:
+        name += f"_amp_{args.amp}{'_cl' if args.channels_last else ''}"
+    return args.work_dir / name
+
+
+def _run_name(args: argparse.Namespace, model: str) -> str:
+    """A model's run-folder name: the model and its ``--model-arg`` settings."""
+    return model + "".join(f"_{k}_{v}" for k, v in sorted(args.model_arg.get(model, {}).items()))
+
+
+def cv_init_weights(arch: str, fold: int, num_classes: int, work_dir: Path) -> Path:
+    """One randomly initialized timm CNN (with a ``num_classes`` classifier) per fold, shared by every model."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.utils import random_seed
+
+    path = work_dir / "init" / f"{arch}_random_seed{fold}_classes{num_classes}.safetensors"
+    if not path.is_file():
+        random_seed(fold, 0)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def cv_train_config(model: str, fold: int, args: argparse.Namespace, data: dict[str, Any], init_file: Path,
+                    num_classes: int):  # fmt: skip
+    """The TrainConfig of one (model, fold): ``TrainConfig()``'s recipe for every model."""
+    from qing.train import TrainConfig
+
+    tag = CV_MODELS[model][1]
+    model_args: dict[str, Any] = {}
+    overlay: dict[str, Any] = {}
+    if not model.startswith("qing_"):
+        # a plain timm CNN: the hybrids' squash resize, and keep the init file's classifier (timm would
+        # drop it because its cfg says 1000 classes)
+        overlay = dict(crop_pct=1.0, crop_mode="squash", num_classes=num_classes)
+    if overlay:
+        model_args["pretrained_cfg_overlay"] = overlay
+    model_args.update(args.model_arg.get(model, {}))
+    values = {
+        "model": f"{model}.{tag}",
+        "model_args": model_args,
+        "img_size": args.img_size,
+        "epochs": args.epochs,
+        "seed": fold,
+        "pretrained": True,
+        "pretrained_file": str(init_file),
+        "data": dict(data, cache_images=args.cache_images),
+        "output_dir": str(_cv_dir(args) / f"{_run_name(args, model)}_fold{fold}"),
+        "overwrite": True,
+        "tensorboard": False,
+        "progress": False,
+        "log_images": 0,
+        "n_bootstrap": 0,
+        "device": args.device,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+    }
+    if args.early_stopping_metric:
+        values["early_stopping_metric"] = args.early_stopping_metric
+    return TrainConfig(**values)
+
+
+def cv_run_one(model: str, fold: int, args: argparse.Namespace, data: dict[str, Any], num_classes: int):
+    """Train and test one (model, fold); result (with the test probabilities) cached as ``result.json``."""
+    config_dir = _cv_dir(args) / f"{_run_name(args, model)}_fold{fold}"
+    cached = config_dir / "result.json"
+    if args.reuse and cached.is_file():
+        _log.info("reusing %s", cached)
+        return json.loads(cached.read_text())
+    from qing.evaluate import probabilities
+    from qing.train import Trainer
+
+    init_file = cv_init_weights(CV_MODELS[model][0], fold, num_classes, args.work_dir)
+    config = cv_train_config(model, fold, args, data, init_file, num_classes)
+    started = time.perf_counter()
+    trainer = Trainer(config)
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    logits, targets = trainer.predict("test", trainer.eval_model)
+    probs = probabilities(logits.numpy(), trainer.splits.task)
+    if len(probs) != len(trainer.splits.test):
+        raise RuntimeError(f"{len(trainer.splits.test) - len(probs)} unreadable test images: the folds would not pool")
+    record = {
+        "model": model,
+        "fold": fold,
+        "seed": fold,
+        "init_file": str(init_file),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_completed,
+        "monitor": result.monitor,
+        "best_value": result.best_value,
+        "encoder_share": encoder_share(trainer),
+        "test_auroc": result.test_metrics.get("roc_auc"),
+        "test_paths": [str(s.path) for s in trainer.splits.test],
+        "test_patients": [s.patient for s in trainer.splits.test],
+        "test_targets": targets.reshape(len(probs), -1).tolist(),
+        "test_probs": probs.reshape(len(probs), -1).tolist(),
+        "label_names": list(trainer.splits.label_names),
+        "task": trainer.splits.task,
+        "n_train": len(trainer.splits.train),
+        "n_val": len(trainer.splits.val),
+        "history": result.history,
+        "wall_s": wall,
+        "epoch_s_median": statistics.median(h["epoch_time_s"] for h in result.history),
+        "load_avg_1min": os.getloadavg()[0],
+        "recipe": {k: getattr(config, k) for k in RECIPE_FIELDS},
+        "model_name": config.model,
+    }  # fmt: skip
+    cached.write_text(json.dumps(record))
+    return record
+
+
+def encoder_share(trainer: Any) -> Optional[float]:
+    """Residual hybrids: how much the encoder's branch moves the test logits, relative to the backbone's.
+
+    The standard deviation over test images of the encoder's term of the logits divided by that of
+    the pooled classifier's term, averaged over outputs (0: the branch is still closed). ``None`` for
+    other models.
+    """
+    from qing.layers import ResidualHead
+
+    model = trainer.eval_model
+    if not isinstance(getattr(model, "head", None), ResidualHead):
+        return None
+    backbone, encoder = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in trainer.loaders["test"]:
+            if batch["image"] is None:
+                continue
+            images = batch["image"].to(trainer.device)
+            b, e = model.head.branches(model.forward_head(model.forward_features(images), pre_logits=True))
+            backbone.append(b)
+            encoder.append(e)
+    b_sd, e_sd = torch.cat(backbone).std(dim=0), torch.cat(encoder).std(dim=0)
+    return round(float((e_sd / b_sd.clamp_min(1e-12)).mean()), 4)
+
+
+def mean_auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC (binary: ``(n, 1)`` arrays) or the mean over the labels with both classes present (multi-label)."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y[:, j], p[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def paired_bootstrap(y, p_a, p_b, patients, *, n: int, seed: int) -> dict[str, Any]:
+    """``AUROC(a) - AUROC(b)`` on the same images, with a bootstrap over patients (clusters).
+
+    Each resample draws patients with replacement and keeps all their images, so images of one
+    patient are never treated as independent. Returns the observed difference, the 95% percentile
+    interval and a two-sided bootstrap p-value (twice the smaller tail of the difference around 0).
+    """
+    rng = np.random.default_rng(seed)
+    ids, inverse = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(ids))]
+    observed = mean_auroc(y, p_a) - mean_auroc(y, p_b)
+    diffs = []
+    for _ in range(n):
+        rows = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
+        diffs.append(mean_auroc(y[rows], p_a[rows]) - mean_auroc(y[rows], p_b[rows]))
+    diffs = np.asarray(diffs)
+    diffs = diffs[np.isfinite(diffs)]
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    p_value = min(1.0, 2 * min(float((diffs <= 0).mean()), float((diffs >= 0).mean())))
+    return {
+        "difference": round(observed, 4),
+        "ci95_low": round(float(low), 4),
+        "ci95_high": round(float(high), 4),
+        "p_value": round(p_value, 4),
+        "n_bootstrap": len(diffs),
+        "clusters": len(ids),
+    }
+
+
+def _pooled(records: list[dict[str, Any]], model: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Out-of-fold (paths, targets, probabilities, patients) of a model, sorted by path."""
+    items = []
+    for r in records:
+        if r["model"] == model:
+            items += list(zip(r["test_paths"], r["test_targets"], r["test_probs"], r["test_patients"]))
+    items.sort(key=lambda item: item[0])
+    paths, y, p, patients = zip(*items)
+    return list(paths), np.asarray(y, dtype=float), np.asarray(p, dtype=float), list(patients)
+
+
+def crossval(args: argparse.Namespace) -> dict[str, Any]:
+    """Every model on every fold (fold by fold, models interleaved), pooled and compared."""
+    data = data_config(args.dataset, args.data_dir, args.data)
+    rows, fieldnames = _read_rows(data)
+    folds = make_folds(rows, data, args.cv, args.fold_seed)
+    num_classes = 1 if data.get("label_column") else len(data["label_columns"])
+    fold_data = dict(data, image_dir=str(Path(data["labels_csv"]).parent), split_column=CV_SPLIT_COLUMN)
+    for key in ("test_fraction", "val_fraction", "split_seed"):
+        fold_data.pop(key, None)
+    records = []
+    for fold, assign in enumerate(folds):
+        if args.folds is not None and fold not in args.folds:
+            continue
+        csv_path = _fold_csv(args, fieldnames, rows, assign, fold, data)
+        for model in args.models:
+            record = cv_run_one(model, fold, args, dict(fold_data, labels_csv=str(csv_path)), num_classes)
+            records.append(record)
+            _log.info("%s fold %d: test AUROC %.4f (best epoch %d of %d, encoder share %s, %.0f s)", model, fold,
+                      record["test_auroc"], record["best_epoch"], record["epochs_run"], record["encoder_share"],
+                      record["wall_s"])  # fmt: skip
+
+    rows_out: list[dict[str, Any]] = []
+    pooled = {m: _pooled(records, m) for m in args.models if any(r["model"] == m for r in records)}
+    paths0 = next(iter(pooled.values()))[0]
+    for model, (paths, y, p, _) in pooled.items():
+        if paths != paths0:
+            raise RuntimeError(f"{model} was tested on other images than {args.models[0]}")
+        runs = [r for r in records if r["model"] == model]
+        fold_aurocs = [r["test_auroc"] for r in runs]
+        mean, sd = _mean_sd(fold_aurocs)
+        rows_out.append({
+            "phase": "summary",
+            "model": model,
+            "folds": len(runs),
+            "oof_auroc": round(mean_auroc(y, p), 4),
+            "fold_auroc_mean": mean,
+            "fold_auroc_sd": sd,
+            "epochs_run_mean": round(statistics.fmean(r["epochs_run"] for r in runs), 1),
+            "best_epoch_mean": round(statistics.fmean(r["best_epoch"] for r in runs), 1),
+            "encoder_share_mean": _mean_sd([r["encoder_share"] for r in runs])[0],
+            "wall_s_mean": round(statistics.fmean(r["wall_s"] for r in runs), 1),
+        })  # fmt: skip
+    comparisons = []
+    for a, b in CV_PAIRS:
+        if a not in pooled or b not in pooled:
+            continue
+        _, y, p_a, patients = pooled[a]
+        _, _, p_b, _ = pooled[b]
+        stats = paired_bootstrap(y, p_a, p_b, patients, n=args.n_bootstrap, seed=0)
+        per_fold = {}
+        for r in records:
+            per_fold.setdefault(r["fold"], {})[r["model"]] = r["test_auroc"]
+        fold_diffs = [v[a] - v[b] for _, v in sorted(per_fold.items()) if a in v and b in v]
+        row = {"phase": "comparison", "model": a, "baseline": b, **stats}
+        row["fold_differences"] = [round(d, 4) for d in fold_diffs]
+        row["fold_difference_mean"] = round(statistics.fmean(fold_diffs), 4)
+        row["folds_won"] = f"{sum(d > 0 for d in fold_diffs)}/{len(fold_diffs)}"
+        row["goal_met"] = bool(row["fold_difference_mean"] >= 0 and stats["ci95_low"] > -0.01)
+        comparisons.append(row)
+    for r in records:
+        rows_out.append({
+            "phase": "per_fold",
+            "model": r["model"],
+            "fold": r["fold"],
+            "n_train": r["n_train"],
+            "n_val": r["n_val"],
+            "n_test": len(r["test_paths"]),
+            "test_auroc": _r(r["test_auroc"]),
+            "best_epoch": r["best_epoch"],
+            "epochs_run": r["epochs_run"],
+            "encoder_share": _r(r["encoder_share"]),
+            "epoch_s_median": round(r["epoch_s_median"], 1),
+            "wall_s": round(r["wall_s"], 1),
+        })  # fmt: skip
+    if records[0]["task"] == "multilabel":
+        labels = records[0]["label_names"]
+        for j, label in enumerate(labels):
+            row = {"phase": "per_label", "label": label}
+            for model, (_, y, p, patients) in pooled.items():
+                row["n_positive"] = int(y[:, j].sum())
+                row["positive_patients"] = len({patients[i] for i in np.flatnonzero(y[:, j])})
+                row[f"{model}_auroc"] = round(mean_auroc(y[:, [j]], p[:, [j]]), 4)
+            rows_out.append(row)
+    first = records[0]
+    config = {
+        "dataset": args.dataset,
+        "source": _relative_source(data["labels_csv"], args.data_dir),
+        "task": first["task"],
+        "outputs": len(first["label_names"]),
+        "protocol": f"{args.cv}-fold cross-validation, grouped by patient, stratified "
+        f"({'by class' if data.get('label_column') else 'by any finding'}); in each fold one in {args.cv} of "
+        "the remaining patient groups validates; every image is tested exactly once",
+        "images": len(rows),
+        "patients": len({r[data["patient_column"]] for r in rows}),
+        "fold_seed": args.fold_seed,
+        "models": list(pooled),
+        "img_size": args.img_size,
+        "epochs_max": args.epochs,
+        "precision": f"amp={args.amp}, channels_last={args.channels_last}",
+        "recipe": "TrainConfig() defaults for every model (AdamW lr 1e-4, weight decay 0.01, cosine, 1 warmup epoch)",
+        "best_checkpoint": f"best {first['monitor']} on validation (early stopping patience "
+        f"{first['recipe']['early_stopping_patience']})",
+        "seed": "the fold index (weights init, data order, augmentation, dropout)",
+        "init": "random (timm's init): one file per fold and backbone, classifier included, loaded by every model; "
+        "the residual hybrid's pooled classifier takes the file's classifier, so at step 0 it computes exactly "
+        "what the plain CNN computes",
+        "pooled_auroc": "out-of-fold probabilities of all folds pooled; multi-label: mean over labels",
+        "paired_test": f"bootstrap over patients ({args.n_bootstrap} resamples), same images for both models",
+        "goal": "mean fold AUROC difference >= 0 and the paired 95% interval's lower bound > -0.01",
+        "runs_wall_s_total": round(sum(r["wall_s"] for r in records), 1),
+        **environment(args),
+        "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:]),
+    }
+    return {"config": config, "rows": rows_out[: len(pooled)] + comparisons + rows_out[len(pooled) :]}
 
 
 def _cpu_model() -> str:
@@ -679,6 +1083,16 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_model_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        model, sep, rest = item.partition(":")
+        if not sep:
+            raise SystemExit(f"expected MODEL:KEY=VALUE, got {item!r}")
+        out.setdefault(model, {}).update(_parse_overrides([rest]))
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=[*DATASETS, "cache"], help="a dataset to benchmark, or the cache timing")
@@ -712,8 +1126,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         metavar="KEY=VALUE",
         help="hybrid model argument (YAML value), e.g. backbone_final_act=true (a control experiment)",
     )
+    parser.add_argument("--cv", type=int, default=None, metavar="K", help="patient-grouped K-fold cross-validation")
+    parser.add_argument(
+        "--cv-models", nargs="+", default=CV_DEFAULT_MODELS, choices=list(CV_MODELS), help="models of --cv"
+    )
+    parser.add_argument("--folds", type=int, nargs="+", default=None, help="--cv: run only these folds (0-based)")
+    parser.add_argument("--fold-seed", type=int, default=0, help="--cv: seed of the fold assignment")
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="MODEL:KEY=VALUE",
+        help="--cv: a model argument for one model (YAML value), e.g. qing_densenet121_r2:token_drop_rate=0.2",
+    )
     parser.add_argument("--cache-images", action="store_true", help="train with the in-memory image cache")
-    parser.add_argument("--amp", default="none", help="TrainConfig.amp of every run (default none: float32)")
+    parser.add_argument(
+        "--amp", default=None, help="TrainConfig.amp of every run (default: none, i.e. float32; auto with --cv)"
+    )
     parser.add_argument("--channels-last", action="store_true", help="TrainConfig.channels_last of every run")
     parser.add_argument(
         "--compare-amp", action="store_true", help="train every (model, seed) in float32 and in bf16; compare"
@@ -739,13 +1168,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         args.dataset = args.command
     args.img_size = args.img_size or DATASETS[args.dataset]["img_size"]
-    if args.command == "cache":
+    args.model_arg = _parse_model_args(args.model_arg)
+    args.amp = args.amp or ("auto" if args.cv else "none")
+    if args.cv:
+        args.models = args.cv_models
+        results = crossval(args)
+        size = f"_{args.img_size}px" if args.img_size != DATASETS[args.dataset]["img_size"] else ""
+        tweaks = "".join(f"_{_run_name(args, m)}" for m in args.models if args.model_arg.get(m))
+        name = f"{args.command}_cv{args.cv}{size}{tweaks}"
+    elif args.command == "cache":
         results = cache_timing(args)
+        name = args.command + _variant(args)
     else:
         results = amp_benchmark(args) if args.compare_amp else benchmark(args)
-    name = args.command + _variant(args)
-    if args.compare_amp:
-        name += "_amp_" + results["config"]["device"]
+        name = args.command + _variant(args)
+        if args.compare_amp:
+            name += "_amp_" + results["config"]["device"]
     out = args.out or REPO / "benchmarks" / "results" / f"finetune_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -753,7 +1191,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tmp.replace(out)
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2, default=_jsonable))
     for row in results["rows"]:
-        if row.get("phase") in ("summary", "per_label"):
+        if row.get("phase") in ("summary", "per_label", "comparison"):
             print(json.dumps(row))
     print(f"wrote {out}")
     return 0

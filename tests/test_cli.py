@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 import qing
 from qing.data import build_transforms, load_image
+from qing.train import load_training_state
 from tests.conftest import PNEUMONIA_200
 from tests.make_fake_data import write_dicom, write_truncated_png
 from tests.train_helpers import one_thread
@@ -76,8 +77,9 @@ def model_probabilities(model_dir: Path, paths: list[Path]) -> list[float]:
 # ---- qing demo -------------------------------------------------------------------------------------
 
 
-def test_demo_end_to_end(tmp_path):
-    result = run_qing("demo", "--size", "tiny", "--output", "demo", "--device", "cpu", cwd=tmp_path)
+def test_demo_end_to_end_and_it_visibly_learns(tmp_path):
+    """The standard demo, as a user runs it, on a seed other than the default (the recipe is not tuned to one)."""
+    result = run_qing("demo", "--output", "demo", "--device", "cpu", "--seed", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     demo = tmp_path / "demo"
     data = demo / "synthetic_cxr"
@@ -87,11 +89,11 @@ def test_demo_end_to_end(tmp_path):
         for s in ("train", "test")
         for c in ("normal", "opacity")
     }
-    assert counts == {"train/normal": 16, "train/opacity": 16, "test/normal": 8, "test/opacity": 8}
+    assert counts == {"train/normal": 64, "train/opacity": 64, "test/normal": 20, "test/opacity": 20}
 
     best = demo / "run" / "checkpoints" / "best"
     config = json.loads((best / "config.json").read_text())
-    assert config["architecture"] == "qing_test_tr1" and config["label_names"] == ["opacity"]
+    assert config["architecture"] == "qing_test_r1" and config["label_names"] == ["opacity"]
     assert config["qing"]["task"] == "binary" and config["qing"]["datasets"] == ["synthetic_cxr"]
     assert len(config["qing"]["thresholds"]) == 1
     report = demo / "run" / "report"
@@ -99,10 +101,19 @@ def test_demo_end_to_end(tmp_path):
                  "confusion_matrix.png", "attention.png", "feature_maps.png"):  # fmt: skip
         assert (report / name).stat().st_size > 0, name
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["n_samples"] == 16 and metrics["label_names"] == ["opacity"]
+    assert metrics["n_samples"] == 40 and metrics["label_names"] == ["opacity"]
     assert (demo / "run" / "tensorboard").is_dir() and (demo / "run" / "config.yaml").is_file()
 
+    # it learns where the user can see it: the last epoch's training loss and validation accuracy
+    history = load_training_state(demo / "run" / "checkpoints" / "last")["history"]
+    first, last = history[0], history[-1]
+    assert len(history) == 6 and last["train_loss"] < 0.3 and last["val_accuracy"] >= 0.9, history
+    assert first["train_loss"] > 0.5  # from scratch: it starts at chance
     out = result.stdout
+    assert (
+        f"  learned: training loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
+        f"validation accuracy {first['val_accuracy']:.3f} -> {last['val_accuracy']:.3f} (epoch 1 -> 6)\n"
+    ) in out
     assert "SYNTHETIC" in out.splitlines()[0]
     assert f"test:    AUROC {metrics['roc_auc']:.3f}" in out
     assert "report:  demo/run/report/report.html\n" in out

@@ -2,7 +2,8 @@
 
 - Every ```python block of docs/**/*.md and README.md runs, page by page in order, in a fresh
   namespace inside a temporary working directory that holds a generated ``xray.png``. The large
-  architectures the docs name are swapped for the tiny ``qing_test_tr1`` (set
+  architectures the docs name are swapped for the tiny ``qing_test_tr1`` (``qing_test_r1`` for the
+  residual-head ``*_r*`` ones; set
   ``QING_DOCS_FULL_MODELS=1`` to run them as written); names with a tag keep their model. A block
   opts out only with ``<!-- docs-test: skip <reason> -->`` on the line before it; opted-out blocks
   are reported. Pages that work with the reader's own files get files of the same layout with
@@ -49,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
 PAGES = [*sorted(DOCS.rglob("*.md")), REPO_ROOT / "README.md"]
 TEST_MODEL = "qing_test_tr1"
+TEST_RESIDUAL_MODEL = "qing_test_r1"  # stands in for the residual-head architectures
 CHROMIUM = Path(os.environ.get("QING_CHROMIUM", "/usr/bin/chromium"))
 #: Pages whose code the reader runs first: they must keep at least one executed block.
 MUST_HAVE_CODE = [
@@ -76,8 +78,14 @@ def _with_tiny_models(source: str) -> str:
     """Replace every registered architecture name except the test model (tags keep their name)."""
     if os.environ.get("QING_DOCS_FULL_MODELS") == "1":
         return source
-    names = sorted((n for n in qing.list_models() if n != TEST_MODEL), key=len, reverse=True)
-    return re.sub(rf"\b({'|'.join(map(re.escape, names))})\b(?![.\w])", TEST_MODEL, source)
+    tiny = {TEST_MODEL, TEST_RESIDUAL_MODEL}
+    names = sorted((n for n in qing.list_models() if n not in tiny), key=len, reverse=True)
+
+    def swap(match: re.Match) -> str:
+        residual = getattr(qing.create_model(match.group(1), device="meta"), "head_type", "") == "residual"
+        return TEST_RESIDUAL_MODEL if residual else TEST_MODEL
+
+    return re.sub(rf"\b({'|'.join(map(re.escape, names))})\b(?![.\w])", swap, source)
 
 
 def _write_xray(path: Path) -> None:
@@ -217,7 +225,9 @@ def test_opt_out_markers_are_parsed_strictly(tmp_path: Path) -> None:
 
 def test_tiny_model_swap_keeps_tags_and_the_test_model() -> None:
     source = 'a("qing_densenet121_tr2"), b("qing_densenet121_tr4.chexnet"), c("qing_test_tr1"), d("qing_resnet50_tr2x")'
+    source += ', e("qing_densenet121_r2"), f("qing_test_r1")'
     expected = 'a("qing_test_tr1"), b("qing_densenet121_tr4.chexnet"), c("qing_test_tr1"), d("qing_resnet50_tr2x")'
+    expected += ', e("qing_test_r1"), f("qing_test_r1")'
     assert _with_tiny_models(source) == expected
 
 

@@ -49,6 +49,7 @@ def test_required_family_is_registered():
     required = {
         "qing_densenet121_tr2", "qing_densenet121_tr4", "qing_resnet50_tr2",
         "qing_convnext_tiny_tr2", "qing_efficientnet_b0_tr2", "qing_test_tr1",
+        "qing_densenet121_r2", "qing_resnet50_r2", "qing_convnext_tiny_r2", "qing_efficientnet_b0_r2", "qing_test_r1",
     }  # fmt: skip
     assert required <= set(MODELS)
     assert set(timm.list_models("qing_*")) == set(MODELS)
@@ -94,7 +95,9 @@ def test_default_cfg_and_heads(name):
         assert features.shape[:2] == (1, model.num_features) and features.ndim == 4
     assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
 
-    assert cfg["classifier"] + ".weight" in state_dict
+    # the cfg's classifier names the module get_classifier() returns (a Linear, or a residual head)
+    assert model.get_submodule(cfg["classifier"]) is model.get_classifier()
+    assert any(k.startswith(cfg["classifier"] + ".") for k in state_dict)
     assert cfg["first_conv"] + ".weight" in state_dict
     assert len(cfg["label_names"]) == cfg["num_classes"] == model.num_classes
     assert len(cfg["mean"]) == len(cfg["std"]) == cfg["input_size"][0] == model.in_chans

@@ -3,6 +3,12 @@
 Nothing is downloaded: the images are drawn by :func:`qing.data.make_synthetic_cxr` (seeded, and
 labelled SYNTHETIC in every image, file name and the folder's README), and the model is trained
 from scratch with :class:`qing.train.Trainer`, the same code ``qing train`` runs.
+
+The standard size's recipe is chosen so that the log shows learning: the residual hybrid
+``qing_test_r1`` (its CNN's pooled classifier learns from the first step; an encoder-only head
+trained from scratch on 100 drawings barely moves in six epochs), batch 8 for enough optimizer
+steps, AdamW at ``lr=1e-2`` with half an epoch of warmup. Six epochs end with a training loss near
+0.1 and a validation accuracy near 1 (the demo test checks below 0.3 and at least 0.9).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from qing.train import TrainConfig, Trainer
 
 EPILOG = """\
 examples:
-  qing demo                              # a minute or two on a 2-core CPU
+  qing demo                              # about a minute on a 2-core CPU
   qing demo --output /tmp/qing-demo --overwrite
   qing demo --size tiny                  # seconds: a smoke test of the installation
 
@@ -39,12 +45,15 @@ class DemoSize:
     epochs: int
     batch_size: int
     n_bootstrap: int
+    lr: float = 1e-2
+    warmup_epochs: float = 0.5
 
 
 SIZES = {
-    "standard": DemoSize(128, 32, 10, 6, 16, 1000),
+    "standard": DemoSize(128, 32, 10, 6, 8, 1000),
     "tiny": DemoSize(64, 8, 4, 1, 8, 200),
 }
+DEFAULT_MODEL = "qing_test_r1"
 DATA_FOLDER = "synthetic_cxr"
 
 
@@ -67,9 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--size",
         choices=sorted(SIZES),
         default="standard",
-        help="standard (a minute or two on a 2-core CPU) or tiny (seconds)",
+        help="standard (about a minute on a 2-core CPU) or tiny (seconds: a smoke test, too short to learn)",
     )
-    parser.add_argument("--model", default="qing_test_tr1", help="architecture to train (default: qing_test_tr1)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"architecture to train (default: {DEFAULT_MODEL}, a tiny hybrid)"
+    )
     parser.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: by --size)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the data and the training")
     group = parser.add_argument_group("compute")
@@ -108,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
             "img_size": size.image_size,
             "batch_size": args.batch_size or size.batch_size,
             "epochs": args.epochs or size.epochs,
-            "lr": 1e-3,
-            "warmup_epochs": 0.5,
+            "lr": size.lr,
+            "warmup_epochs": size.warmup_epochs,
             "device": args.device,
             "seed": args.seed,
             "n_bootstrap": size.n_bootstrap,
@@ -137,6 +148,12 @@ def run(args: argparse.Namespace) -> int:
     print("qing demo: done (SYNTHETIC data: these numbers show the pipeline works, nothing clinical)")
     print(f"  data:    {short_path(data)} (README.txt says what the images are)")
     print(f"  model:   {best} (best of {result.epochs_completed} epoch(s): epoch {result.best_epoch})")
+    first, last = result.history[0], result.history[-1]
+    print(
+        f"  learned: training loss {format_value(first['train_loss'])} -> {format_value(last['train_loss'])}, "
+        f"validation accuracy {format_value(first.get('val_accuracy'))} -> {format_value(last.get('val_accuracy'))} "
+        f"(epoch 1 -> {last['epoch']})"
+    )
     if metrics:
         print(
             f"  test:    AUROC {format_value(metrics.get('roc_auc'))}"

@@ -110,9 +110,10 @@ class LoadReport:
 
 
 def _classifier_keys(model: nn.Module, target: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every tensor of the cfg's classifier module(s): a Linear's weight and bias, or a whole head module."""
     names = model.pretrained_cfg.get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
-    return [f"{n}.{p}" for n in names for p in ("weight", "bias") if f"{n}.{p}" in target]
+    return [k for k in target if k.startswith(tuple(f"{n}." for n in names))]
 
 
 class CheckpointFilter:

@@ -16,12 +16,26 @@ position encoding added, and a small Transformer encoder mixes the tokens. The h
 
 ``qing_densenet121_tr2`` is the original design (DenseNet121 without its final ReLU, 512-d,
 8 heads, MLP 1024, two post-norm blocks, dropout 0.2, sinusoidal positions).
+
+``head_type="residual"`` (the ``*_r2`` models) keeps the CNN's own pooled linear classifier and adds
+the encoder's prediction as a residual through a gate that starts closed (a zero-initialized
+projection, :class:`~qing.layers.ResidualHead`)::
+
+    logits = Linear(GAP(backbone map)) + Linear_zero_init(MLP(concat(cls, mean(spatial))))
+
+A fresh residual hybrid is therefore exactly its backbone's pooled classifier (with a CNN
+checkpoint that has a fitting classifier, e.g. CheXNet's, it *is* that CNN), and the encoder only
+adds what training supports. Its ``forward_features`` returns both streams side by side,
+``(B, 1 + h*w, D + F)``: the encoder's tokens, then the backbone's ``F`` features of each grid cell
+(the global average at the class-token position).
 """
 
 # No ``from __future__ import annotations`` here or in qing.layers: torch.fx copies the forward
 # signatures into the traced code, and TorchScript cannot read string annotations there.
+import dataclasses
 import inspect
 import re
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -39,9 +53,18 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.densenet import DenseLayer, DenseNet
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qing.layers import NORM_PLACEMENTS, POS_EMBED_TYPES, EncoderBlock, LearnedPosEmbed, SinCosPosEmbed
+from qing.layers import (
+    NORM_PLACEMENTS,
+    POS_EMBED_TYPES,
+    EncoderBlock,
+    LearnedPosEmbed,
+    ResidualHead,
+    SinCosPosEmbed,
+    TokenDropout,
+)
 from qing.layers.encoder import LayerNorm
 from qing.meta import sync_head
 from qing.models._builder import build_model_with_weights, check_model_kwargs, convert_foreign_state_dict
@@ -52,18 +75,28 @@ from qing.weights import (
     XRV_MEAN,
     XRV_STD,
     XRV_WEIGHTS,
+    Conversion,
+    convert_chexnet,
     convert_for_hybrid,
+    convert_xrv_densenet,
+    strip_prefixes,
 )
 from qing.weights.chexnet import CHEXNET_URL, CHEXNET_WEIGHTS_URL, NO_LICENSE
+from qing.weights.densenet_layout import normalize_densenet_keys
 
-__all__ = ["GLOBAL_POOL_TYPES", "CNNTransformer"]
+__all__ = ["GLOBAL_POOL_TYPES", "HEAD_TYPES", "CNNTransformer"]
 
 #: ``global_pool`` values: what ``forward_head`` reads from the tokens.
 GLOBAL_POOL_TYPES = ("token_avg", "token", "avg", "")
 
+#: ``head_type`` values: ``"encoder"`` (logits from the encoder alone, the original design) or
+#: ``"residual"`` (the backbone's pooled linear classifier plus the encoder's residual, gated closed at init).
+HEAD_TYPES = ("encoder", "residual")
+
 # Validation runs as one opaque call under torch.fx, so traced graphs keep it without branching.
 register_notrace_module(SinCosPosEmbed)
 register_notrace_module(LearnedPosEmbed)
+register_notrace_module(TokenDropout)  # data-dependent token count while training
 
 
 @register_notrace_function
@@ -87,6 +120,19 @@ def check_input(x: torch.Tensor, in_chans: int, stride: int, max_tokens: int) ->
             f"input size {h}x{w} gives {(h // stride) * (w // stride) + 1} tokens, more than the "
             f"position encoding's {max_tokens}; use a smaller image or a larger max_tokens"
         )
+
+
+@register_notrace_function
+def backbone_stream(feature_map: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """Backbone map ``(B, F, h, w)`` -> ``(B, 1 + K, F)``: its global average, then its grid cells.
+
+    ``keep`` (``(B, K)`` indices from token dropout) selects the cells the encoder kept; ``None`` keeps all.
+    """
+    cells = feature_map.flatten(2).transpose(1, 2)
+    if keep is not None:
+        cells = cells.gather(1, keep.unsqueeze(-1).expand(-1, -1, cells.shape[-1]))
+    pooled = F.adaptive_avg_pool2d(feature_map, 1).flatten(1)  # timm's global_pool="avg"
+    return torch.cat([pooled.unsqueeze(1), cells], dim=1)
 
 
 def _prefix_pattern(pattern: Any, prefix: str) -> Any:
@@ -173,9 +219,14 @@ class CNNTransformer(nn.Module):
         max_tokens: Length of the sinusoidal table (5000 as the original).
         global_pool: ``"token_avg"`` (class token joined with the mean of spatial tokens, the
             original), ``"token"``, ``"avg"`` or ``""`` (return tokens).
+        head_type: ``"encoder"`` (the original: logits from the encoder) or ``"residual"``
+            (the backbone's pooled linear classifier plus the encoder's logits through a zero-initialized
+            projection, so a fresh model is exactly its backbone's classifier; :class:`~qing.layers.ResidualHead`).
         drop_rate: Dropout after positions, in the blocks and in the head (0.2 originally).
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, linearly increasing over the blocks.
+        token_drop_rate: Fraction of the spatial tokens dropped (not attended to) per image while
+            training (:class:`~qing.layers.TokenDropout`).
         device: Parameter device (e.g. ``"meta"``).
         dtype: Parameter dtype.
     """
@@ -197,9 +248,11 @@ class CNNTransformer(nn.Module):
         pos_embed: str = "sincos",
         max_tokens: int = 5000,
         global_pool: str = "token_avg",
+        head_type: str = "encoder",
         drop_rate: float = 0.2,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        token_drop_rate: float = 0.0,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -211,6 +264,8 @@ class CNNTransformer(nn.Module):
             raise ValueError(f"pos_embed={pos_embed!r} is not supported; use one of {POS_EMBED_TYPES}")
         if global_pool not in GLOBAL_POOL_TYPES:
             raise ValueError(f"global_pool={global_pool!r} is not supported; use one of {GLOBAL_POOL_TYPES}")
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type={head_type!r} is not supported; use one of {HEAD_TYPES}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -218,7 +273,8 @@ class CNNTransformer(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
-        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.head_type = head_type
+        self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
 
@@ -228,6 +284,9 @@ class CNNTransformer(nn.Module):
         backbone_info = self.backbone.feature_info
         self.feat_stride = int(backbone_info[-1]["reduction"])
         self.backbone_features = int(self.backbone.num_features)
+        # features and pre-logits: the encoder's D, then (residual) the backbone's F
+        residual = head_type == "residual"
+        self.num_features = self.head_hidden_size = embed_dim + (self.backbone_features if residual else 0)
         self.max_tokens = max_tokens
         grid = (img_size[0] // self.feat_stride, img_size[1] // self.feat_stride)
 
@@ -238,6 +297,7 @@ class CNNTransformer(nn.Module):
         else:
             self.pos_embed = LearnedPosEmbed(embed_dim, grid, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
+        self.token_drop = TokenDropout(token_drop_rate, num_prefix_tokens=self.num_prefix_tokens)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(*[
             EncoderBlock(
@@ -251,7 +311,7 @@ class CNNTransformer(nn.Module):
 
         self.pre_logits = self._make_pre_logits(global_pool, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = self._make_head(num_classes, **dd)
 
         self._num_backbone_levels = len(backbone_info)
         self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in backbone_info] + [
@@ -265,6 +325,13 @@ class CNNTransformer(nn.Module):
         width = 2 * self.embed_dim if global_pool == "token_avg" else self.embed_dim
         return nn.Sequential(nn.Linear(width, self.embed_dim, **dd), nn.GELU())
 
+    def _make_head(self, num_classes: int, **dd: Any) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.head_type == "residual":
+            return ResidualHead(self.embed_dim, self.backbone_features, num_classes, **dd)
+        return nn.Linear(self.embed_dim, num_classes, **dd)
+
     def init_weights(self) -> None:
         """Initialize the token, transformer and head weights (the backbone keeps timm's init)."""
         if self.cls_token.device.type == "meta":
@@ -277,6 +344,8 @@ class CNNTransformer(nn.Module):
                 trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if isinstance(self.head, ResidualHead):
+            self.head.init_weights()  # its encoder branch starts closed (zero)
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute derived buffers (the sinusoidal table) after ``to_empty()`` from ``meta``."""
@@ -323,7 +392,7 @@ class CNNTransformer(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        """The final ``Linear(D, num_classes)``."""
+        """The final ``Linear(D, num_classes)``, or the :class:`~qing.layers.ResidualHead` (residual)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
@@ -343,8 +412,8 @@ class CNNTransformer(nn.Module):
                 self.pre_logits = self._make_pre_logits(global_pool, **dd)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        if num_classes > 0 and dd["device"].type != "meta":
+        self.head = self._make_head(num_classes, **dd)
+        if isinstance(self.head, nn.Linear) and dd["device"].type != "meta":
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
         sync_head(self)  # pretrained_cfg num_classes / label names and thresholds follow the new head
@@ -370,14 +439,23 @@ class CNNTransformer(nn.Module):
         return self.pos_drop(self.pos_embed(x, grid_h, grid_w))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, in_chans, H, W)`` -> encoded tokens ``(B, 1 + H/s * W/s, D)``, class token first."""
+        """Images ``(B, in_chans, H, W)`` -> encoded tokens ``(B, 1 + H/s * W/s, D)``, class token first.
+
+        With ``head_type="residual"`` each token is followed by the backbone's features of its grid
+        cell (the global average at the class token): ``(B, 1 + H/s * W/s, D + F)``. While training
+        with ``token_drop_rate`` only the kept tokens are returned.
+        """
         check_input(x, self.in_chans, self.feat_stride, self.max_tokens)
-        x = self.forward_tokens(self.backbone.forward_features(x))
+        feature_map = self.backbone.forward_features(x)
+        x, keep = self.token_drop(self.forward_tokens(feature_map))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return self.norm(x)
+        x = self.norm(x)
+        if self.head_type == "residual":
+            x = torch.cat([x, backbone_stream(feature_map, keep)], dim=-1)
+        return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, 1 + N, D)`` -> ``(B, 2D)`` for ``token_avg``, ``(B, D)`` for ``token``/``avg``."""
@@ -390,8 +468,17 @@ class CNNTransformer(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> logits ``(B, num_classes)``, or the ``(B, D)`` hidden features if ``pre_logits``."""
-        x = self.head_drop(self.pre_logits(self.pool(x)))
+        """Tokens -> logits ``(B, num_classes)``, or the ``(B, head_hidden_size)`` hidden features if ``pre_logits``.
+
+        The hidden features are the encoder's ``D`` (after ``Linear, GELU``), followed for
+        ``head_type="residual"`` by the backbone's globally averaged ``F``.
+        """
+        if self.head_type == "residual":
+            encoded = x[..., : self.embed_dim]
+            pooled = x[:, 0, self.embed_dim :] if self.global_pool != "" else x[..., self.embed_dim :]
+            x = torch.cat([self.head_drop(self.pre_logits(self.pool(encoded))), pooled], dim=-1)
+        else:
+            x = self.head_drop(self.pre_logits(self.pool(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -478,7 +565,10 @@ class CNNTransformer(nn.Module):
 
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        x = self.norm(x)
+        if self.head_type == "residual":
+            x = torch.cat([x, backbone_stream(feature_map, None)], dim=-1)
+        return x, intermediates
 
     @torch.jit.ignore
     def prune_intermediate_layers(
@@ -555,6 +645,46 @@ class CNNTransformer(nn.Module):
 # ---- registry -----------------------------------------------------------------------------------
 
 
+def _cnn_classifier(state_dict: dict[str, torch.Tensor], fmt: str, model: CNNTransformer) -> Optional[str]:
+    """The name of the CNN checkpoint's classifier module in ``state_dict`` (normalized in place), if it has one."""
+    if fmt in ("chexnet", "xrv_densenet", "densenet121"):
+        if fmt == "chexnet":
+            converted = convert_chexnet(state_dict, prefix="", classifier=True)
+        elif fmt == "xrv_densenet":
+            converted = convert_xrv_densenet(state_dict, prefix="", classifier=True)[0]
+        else:
+            converted = normalize_densenet_keys(state_dict)
+        state_dict.clear()
+        state_dict.update(converted)
+        return "classifier"
+    return model.backbone.pretrained_cfg.get("classifier") or None  # a timm CNN's own, e.g. "fc"
+
+
+def convert_for_residual(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Conversion:
+    """:func:`~qing.weights.convert_for_hybrid`, plus a CNN checkpoint's classifier as the pooled classifier.
+
+    For ``head_type="residual"`` models loading a backbone checkpoint (CheXNet, torchxrayvision,
+    torchvision/timm DenseNet121 or a timm CNN), the checkpoint's linear classifier becomes
+    ``head.backbone_fc`` when its shape fits: with the encoder's branch closed the hybrid then *is* that CNN
+    (``qing_densenet121_r2.chexnet`` predicts exactly as CheXNet). A classifier of another class
+    count stays unused and the pooled classifier keeps its initialization.
+    """
+    conversion = convert_for_hybrid(state_dict, model)
+    head = getattr(model, "head", None)
+    if not isinstance(head, ResidualHead) or conversion.required_prefix != "backbone.":
+        return conversion
+    source = strip_prefixes(state_dict)
+    name = _cnn_classifier(source, conversion.format, model)
+    target = {"weight": head.backbone_fc.weight, "bias": head.backbone_fc.bias}
+    found = {p: source.get(f"{name}.{p}") for p in target}
+    if name is None or any(v is None or v.shape != target[p].shape for p, v in found.items()):
+        return conversion
+    mapped = {f"head.backbone_fc.{p}": v for p, v in found.items()}
+    classifier_key = re.compile(rf"(^|\.){re.escape(name)}(\.0)?\.(weight|bias)$")
+    unused = [k for k in conversion.unused if not classifier_key.search(k)]
+    return dataclasses.replace(conversion, state_dict={**conversion.state_dict, **mapped}, unused=unused)
+
+
 def _create_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """Build a registered hybrid; ``pretrained=True`` goes through qing's checked loader.
 
@@ -569,7 +699,7 @@ def _create_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> CNN
         CNNTransformer,
         variant,
         pretrained,
-        convert=convert_for_hybrid,
+        convert=convert_for_residual,
         feature_cfg=dict(feature_cls="getter", out_indices=None),
         **kwargs,
     )
@@ -595,9 +725,13 @@ def _cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
 
 
 _HEAD_NOTE = "Token projection, encoder and head start from random initialization (fine-tune them)."
+_RESIDUAL_NOTE = (
+    "The encoder starts from random initialization behind a closed (zero) gate, so the model starts as its "
+    "backbone's pooled classifier; that classifier is the checkpoint's own where its class count fits."
+)
 
 
-def _timm_cfg(first_conv: str, timm_weights: str, **kwargs: Any) -> dict[str, Any]:
+def _timm_cfg(first_conv: str, timm_weights: str, note: str = _HEAD_NOTE, **kwargs: Any) -> dict[str, Any]:
     """Backbone weights of a timm model on the Hub, with that model's normalization and license."""
     src = get_pretrained_cfg(timm_weights)
     return _cfg(
@@ -609,12 +743,12 @@ def _timm_cfg(first_conv: str, timm_weights: str, **kwargs: Any) -> dict[str, An
         license=src.license or "apache-2.0",
         origin_url=f"https://huggingface.co/{src.hf_hub_id}",
         paper_ids=src.paper_ids,
-        description=f"Backbone from timm's {timm_weights} ({src.hf_hub_id}, ImageNet). {_HEAD_NOTE}",
+        description=f"Backbone from timm's {timm_weights} ({src.hf_hub_id}, ImageNet). {note}",
         **kwargs,
     )
 
 
-def _chexnet_cfg() -> dict[str, Any]:
+def _chexnet_cfg(note: str = _HEAD_NOTE) -> dict[str, Any]:
     """DenseNet121 backbone from CheXNet's model.pth.tar (downloaded into the qing weights directory)."""
     return _cfg(
         "features.conv0",
@@ -627,12 +761,12 @@ def _chexnet_cfg() -> dict[str, Any]:
         paper_ids="arXiv:1711.05225",
         description=(
             "Backbone from CheXNet (DenseNet121 trained on ChestX-ray14, ImageNet normalization), downloaded on "
-            f"first use into $QING_WEIGHTS_DIR/{CHEXNET_FILE}. The source states no licence. {_HEAD_NOTE}"
+            f"first use into $QING_WEIGHTS_DIR/{CHEXNET_FILE}. The source states no licence. {note}"
         ),
     )
 
 
-def _xrv_cfg() -> dict[str, Any]:
+def _xrv_cfg(note: str = _HEAD_NOTE) -> dict[str, Any]:
     """1-channel DenseNet121 backbone from torchxrayvision's densenet121-res224-all weights."""
     weights = XRV_WEIGHTS["all"]
     return _cfg(
@@ -648,7 +782,7 @@ def _xrv_cfg() -> dict[str, Any]:
         paper_ids="arXiv:2111.00595",
         description=(
             f"Backbone from torchxrayvision {weights.name} ({weights.datasets}): one input channel scaled to "
-            f"[-1024, 1024], i.e. mean 0.5 and std 1/2048 on [0, 1]; torchxrayvision's licence. {_HEAD_NOTE}"
+            f"[-1024, 1024], i.e. mean 0.5 and std 1/2048 on [0, 1]; torchxrayvision's licence. {note}"
         ),
     )
 
@@ -679,6 +813,19 @@ default_cfgs = generate_default_cfgs({
     "qing_efficientnet_b0_tr2.*": _cfg("conv_stem"),
     "qing_test_tr1.r160_in1k": _timm_cfg("conv1.0", "test_resnet.r160_in1k", **_TEST_INPUT),
     "qing_test_tr1.*": _cfg("conv1.0", **_TEST_INPUT),
+    # residual heads: the backbone's pooled classifier + the encoder behind a gate that starts closed
+    "qing_densenet121_r2.chexnet*": _chexnet_cfg(_RESIDUAL_NOTE),
+    "qing_densenet121_r2.tv_in1k": _timm_cfg("features.conv0", "densenet121.tv_in1k", _RESIDUAL_NOTE),
+    "qing_densenet121_r2.xrv_all": _xrv_cfg(_RESIDUAL_NOTE),
+    "qing_resnet50_r2.a1_in1k": _timm_cfg("conv1", "resnet50.a1_in1k", _RESIDUAL_NOTE),
+    "qing_resnet50_r2.*": _cfg("conv1"),
+    "qing_convnext_tiny_r2.in12k_ft_in1k": _timm_cfg("stem.0", "convnext_tiny.in12k_ft_in1k", _RESIDUAL_NOTE),
+    "qing_convnext_tiny_r2.fb_in1k": _timm_cfg("stem.0", "convnext_tiny.fb_in1k", _RESIDUAL_NOTE),
+    "qing_convnext_tiny_r2.*": _cfg("stem.0"),
+    "qing_efficientnet_b0_r2.ra_in1k": _timm_cfg("conv_stem", "efficientnet_b0.ra_in1k", _RESIDUAL_NOTE),
+    "qing_efficientnet_b0_r2.*": _cfg("conv_stem"),
+    "qing_test_r1.r160_in1k": _timm_cfg("conv1.0", "test_resnet.r160_in1k", _RESIDUAL_NOTE, **_TEST_INPUT),
+    "qing_test_r1.*": _cfg("conv1.0", **_TEST_INPUT),
 })  # fmt: skip
 
 _DENSENET = dict(backbone="densenet121", backbone_final_act=False)
@@ -724,3 +871,45 @@ def qing_test_tr1(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
     """Tiny model for tests: timm's ``test_resnet`` backbone, one 64-d block."""
     args = dict(backbone="test_resnet", embed_dim=64, depth=1, num_heads=4, mlp_dim=128, drop_rate=0.1)
     return _create_hybrid("qing_test_tr1", pretrained=pretrained, **dict(args, **kwargs))
+
+
+# ---- residual heads: start as the backbone's pooled classifier ------------------------------------
+
+#: The residual design's regularization for small data: stochastic depth and token dropout in the encoder.
+_RESIDUAL = dict(head_type="residual", drop_rate=0.2, drop_path_rate=0.1, token_drop_rate=0.1)
+_R2 = dict(_RESIDUAL, embed_dim=512, depth=2, num_heads=8, mlp_dim=1024)
+
+
+@register_model
+def qing_densenet121_r2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
+    """DenseNet121 (with its final ReLU, as CheXNet) + a residual encoder gated closed at init: 2 blocks, 512-d."""
+    args = dict(_R2, backbone="densenet121")
+    return _create_hybrid("qing_densenet121_r2", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def qing_resnet50_r2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
+    """ResNet-50 + a residual encoder, gated closed at init: 2 post-norm blocks, 512-d."""
+    args = dict(_R2, backbone="resnet50")
+    return _create_hybrid("qing_resnet50_r2", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def qing_convnext_tiny_r2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
+    """ConvNeXt-Tiny + a residual encoder, gated closed at init: 2 post-norm blocks, 512-d."""
+    args = dict(_R2, backbone="convnext_tiny")
+    return _create_hybrid("qing_convnext_tiny_r2", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def qing_efficientnet_b0_r2(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
+    """EfficientNet-B0 + a residual encoder, gated closed at init: 2 post-norm blocks, 512-d."""
+    args = dict(_R2, backbone="efficientnet_b0")
+    return _create_hybrid("qing_efficientnet_b0_r2", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def qing_test_r1(pretrained: bool = False, **kwargs: Any) -> CNNTransformer:
+    """Tiny residual model for tests: timm's ``test_resnet`` backbone, one 64-d block behind the gate."""
+    args = dict(_RESIDUAL, backbone="test_resnet", embed_dim=64, depth=1, num_heads=4, mlp_dim=128, drop_rate=0.1)
+    return _create_hybrid("qing_test_r1", pretrained=pretrained, **dict(args, **kwargs))

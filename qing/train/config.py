@@ -113,6 +113,10 @@ class TrainConfig:
         optimizer: A ``timm.optim.create_optimizer_v2`` name (``adamw``, ``adam``, ``sgd``, ...).
         lr: Learning rate of everything after the backbone (token projection, encoder, head).
         backbone_lr: Learning rate of the backbone (``None``: ``lr``).
+        encoder_lr: Learning rate of the Transformer encoder (token projection, class token,
+            positions, blocks, the encoder's head MLP), apart from the classifier
+            (``get_classifier()``), which keeps ``lr``. ``None``: ``lr``.
+        encoder_weight_decay: Weight decay of those encoder parameters (``None``: ``weight_decay``).
         weight_decay: Weight decay (not applied to biases, norms and the class token).
         momentum: SGD-style momentum.
         batch_size: Global batch size (over all processes).
@@ -123,9 +127,11 @@ class TrainConfig:
         min_lr: Floor of both schedules.
         plateau_factor: LR multiplier on a plateau.
         plateau_patience: Epochs without improvement of the validation loss before the LR drops.
-        early_stopping_metric: ``"val_loss"`` (lower is better) or a validation metric such as
-            ``"val_auroc"``, ``"val_accuracy"``, ``"val_f1"`` (higher is better). It also picks
-            the best checkpoint.
+        early_stopping_metric: ``"auto"``, ``"val_loss"`` (lower is better) or a validation metric
+            such as ``"val_auroc"``, ``"val_accuracy"``, ``"val_f1"`` (higher is better). It also
+            picks the best checkpoint. ``"auto"``: ``val_auroc`` for multi-label data (whose
+            validation loss flattens once the label base rates are learned, while the AUROC still
+            climbs), ``val_loss`` otherwise.
         early_stopping_patience: Epochs without improvement before stopping; ``None`` never stops.
         grad_clip_norm: Clip the gradient norm to this value; ``None`` disables.
         ema: Keep an exponential moving average of the weights (``timm.utils.ModelEmaV3``); it is
@@ -182,6 +188,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 1e-4
     backbone_lr: Optional[float] = None
+    encoder_lr: Optional[float] = None
+    encoder_weight_decay: Optional[float] = None
     weight_decay: float = 0.01
     momentum: float = 0.9
     batch_size: int = 16
@@ -191,7 +199,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     plateau_factor: float = 0.2
     plateau_patience: int = 3
-    early_stopping_metric: str = "val_loss"
+    early_stopping_metric: str = "auto"
     early_stopping_patience: Optional[int] = 5
     grad_clip_norm: Optional[float] = None
     ema: bool = False
@@ -234,7 +242,10 @@ class TrainConfig:
             (self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.trainable_backbone_layers >= 0, "trainable_backbone_layers must be >= 0"),
-            (self.early_stopping_metric.startswith("val_"), "early_stopping_metric must be val_loss or val_<metric>"),
+            (
+                self.early_stopping_metric == "auto" or self.early_stopping_metric.startswith("val_"),
+                f"early_stopping_metric must be auto, val_loss or val_<metric>, got {self.early_stopping_metric!r}",
+            ),
             (self.threshold_method in ("youden", "sensitivity"), "threshold_method must be youden or sensitivity"),
             (
                 self.threshold_method != "sensitivity" or self.target_sensitivity is not None,
@@ -248,6 +259,20 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def monitor_metric(self, task: str) -> str:
+        """The validation metric that stops early and picks the best checkpoint for a ``task``.
+
+        Args:
+            task: ``"binary"``, ``"multiclass"`` or ``"multilabel"``.
+
+        Returns:
+            ``early_stopping_metric``, with ``"auto"`` resolved: ``"val_auroc"`` for multi-label
+            data, ``"val_loss"`` otherwise.
+        """
+        if self.early_stopping_metric != "auto":
+            return self.early_stopping_metric
+        return "val_auroc" if task == "multilabel" else "val_loss"
 
     # ---- paths -------------------------------------------------------------------------------
 

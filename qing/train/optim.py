@@ -1,4 +1,4 @@
-"""Optimizer (timm's ``create_optimizer_v2``) with backbone/head learning rates, and LR schedules."""
+"""Optimizer (timm's ``create_optimizer_v2``) with backbone/encoder/head learning rates, and LR schedules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-__all__ = ["LRSchedule", "build_optimizer", "param_groups", "split_backbone"]
+__all__ = ["LRSchedule", "build_optimizer", "param_groups", "split_backbone", "split_parts"]
 
 
 def split_backbone(model: nn.Module) -> tuple[set[str], set[str]]:
@@ -29,33 +29,74 @@ def split_backbone(model: nn.Module) -> tuple[set[str], set[str]]:
     return backbone, names - backbone
 
 
+def split_parts(model: nn.Module) -> dict[str, set[str]]:
+    """Parameter names by part: ``backbone``, ``encoder`` and ``head``.
+
+    ``backbone`` as :func:`split_backbone`; ``head`` is the classifier (``get_classifier()``: the
+    final ``Linear`` of a qing hybrid, or its :class:`~qing.layers.GatedResidualHead`); ``encoder``
+    is everything in between (token projection, class token, positions, blocks, the encoder's head
+    MLP). Models without a ``backbone`` attribute have no encoder part.
+    """
+    backbone, rest = split_backbone(model)
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in classifier.parameters()} if isinstance(classifier, nn.Module) else set()
+    head = {name for name, p in model.named_parameters() if name in rest and id(p) in head_ids}
+    return {"backbone": backbone, "encoder": rest - head, "head": head}
+
+
 def param_groups(
-    model: nn.Module, *, lr: float, backbone_lr: Optional[float], weight_decay: float
+    model: nn.Module,
+    *,
+    lr: float,
+    backbone_lr: Optional[float],
+    weight_decay: float,
+    encoder_lr: Optional[float] = None,
+    encoder_weight_decay: Optional[float] = None,
 ) -> list[dict[str, Any]]:
-    """Trainable parameters in up to four groups: backbone/head x decay/no decay.
+    """Trainable parameters in groups by part (backbone, encoder, head) x decay/no decay.
 
     Biases, norm weights (1-D parameters) and ``model.no_weight_decay()`` names get no weight
-    decay. Frozen parameters are left out. Each group has a ``name`` for logging.
+    decay. Frozen parameters are left out. Each group has a ``name`` for logging. The encoder
+    (see :func:`split_parts`) gets groups of its own only when ``encoder_lr`` or
+    ``encoder_weight_decay`` is set; otherwise it shares the head's groups (``lr``, ``weight_decay``).
+
+    Args:
+        model: The model.
+        lr: Learning rate of the head (and of the encoder unless ``encoder_lr``).
+        backbone_lr: Learning rate of the backbone; ``None``: ``lr``.
+        weight_decay: Weight decay of the decayed parameters.
+        encoder_lr: Learning rate of the encoder; ``None``: ``lr``.
+        encoder_weight_decay: Weight decay of the encoder's decayed parameters; ``None``: ``weight_decay``.
+
+    Returns:
+        ``[{"name", "params", "lr", "weight_decay"}, ...]``, sorted by name.
     """
-    backbone, _ = split_backbone(model)
+    parts = split_parts(model)
+    own_encoder = encoder_lr is not None or encoder_weight_decay is not None
+    part_of = {name: part for part, names in parts.items() for name in names}
+    if not own_encoder:
+        part_of = {name: "head" if part == "encoder" else part for name, part in part_of.items()}
+    part_lr = {
+        "backbone": lr if backbone_lr is None else backbone_lr,
+        "encoder": lr if encoder_lr is None else encoder_lr,
+    }
+    part_decay = {"encoder": weight_decay if encoder_weight_decay is None else encoder_weight_decay}
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "backbone" if name in backbone else "head"
         decay = param.ndim > 1 and name not in skip
-        groups.setdefault((part, decay), []).append(param)
+        groups.setdefault((part_of[name], decay), []).append(param)
     if not groups:
         raise ValueError("the model has no trainable parameters (is everything frozen?)")
     out = []
     for (part, decay), params in sorted(groups.items()):
-        group_lr = backbone_lr if part == "backbone" and backbone_lr is not None else lr
         out.append({
             "name": f"{part}{'' if decay else '_no_decay'}",
             "params": params,
-            "lr": group_lr,
-            "weight_decay": weight_decay if decay else 0.0,
+            "lr": part_lr.get(part, lr),
+            "weight_decay": part_decay.get(part, weight_decay) if decay else 0.0,
         })  # fmt: skip
     return out
 
@@ -68,9 +109,18 @@ def build_optimizer(
     backbone_lr: Optional[float] = None,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
+    encoder_lr: Optional[float] = None,
+    encoder_weight_decay: Optional[float] = None,
 ) -> torch.optim.Optimizer:
-    """``timm.optim.create_optimizer_v2`` over :func:`param_groups` (separate backbone LR)."""
-    groups = param_groups(model, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay)
+    """``timm.optim.create_optimizer_v2`` over :func:`param_groups` (separate backbone and encoder settings)."""
+    groups = param_groups(
+        model,
+        lr=lr,
+        backbone_lr=backbone_lr,
+        weight_decay=weight_decay,
+        encoder_lr=encoder_lr,
+        encoder_weight_decay=encoder_weight_decay,
+    )
     return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 

@@ -239,7 +239,9 @@ class Trainer:
                 self.schedule = self._build_schedule()
                 self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
                 self.ema = ModelEmaV3(self._model, decay=config.ema_decay) if config.ema else None
-                self.stopper = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience)
+                self.stopper = EarlyStopping(
+                    self.config.monitor_metric(self.splits.task), self.config.early_stopping_patience
+                )
                 self._folders = self._output_folders()
                 self.train_model = self._wrap_model()
         except BaseException:
@@ -525,7 +527,8 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        options = {key: getattr(cfg, key) for key in ("lr", "backbone_lr", "weight_decay", "momentum")}
+        keys = ("lr", "backbone_lr", "encoder_lr", "encoder_weight_decay", "weight_decay", "momentum")
+        options = {key: getattr(cfg, key) for key in keys}
         return build_optimizer(self._model, name=cfg.optimizer, **options)
 
     def _build_schedule(self) -> LRSchedule:
@@ -731,10 +734,10 @@ class Trainer:
             record = {"epoch": epoch + 1, "train_loss": train_loss, **val, **self._lrs()}
             record.update(epoch_time_s=elapsed, train_images_per_s=n_images / max(elapsed, 1e-9))
             self.schedule.step_epoch(record["val_loss"])
-            if cfg.early_stopping_metric not in record:
+            if self.stopper.metric not in record:
                 known = sorted(k for k in record if k.startswith("val_"))
-                raise ValueError(f"early_stopping_metric {cfg.early_stopping_metric!r} is not one of {known}")
-            improved = self.stopper.update(record[cfg.early_stopping_metric], epoch + 1)
+                raise ValueError(f"early_stopping_metric {self.stopper.metric!r} is not one of {known}")
+            improved = self.stopper.update(record[self.stopper.metric], epoch + 1)
             self.history.append(record)
             self.stopped_early = self.stopper.should_stop
             for entry in all_gather_objects(self.bad_files.to_list(), self.env):
@@ -765,7 +768,7 @@ class Trainer:
             if self.stopped_early:
                 _log.info(
                     "early stopping after epoch %d: %s has not improved for %d epochs (best %.4g at epoch %d)",
-                    epoch + 1, cfg.early_stopping_metric, self.stopper.bad_epochs, self.stopper.best,
+                    epoch + 1, self.stopper.metric, self.stopper.bad_epochs, self.stopper.best,
                     self.stopper.best_epoch,
                 )  # fmt: skip
 
