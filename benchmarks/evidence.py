@@ -54,13 +54,16 @@ def _finetune_args(args: argparse.Namespace, dataset: str) -> argparse.Namespace
         dataset=dataset,
         data_dir=args.data_dir,
         data={},
-        img_size=PROTOCOL[dataset]["img_size"],
-        epochs=PROTOCOL[dataset]["epochs"],
+        img_size=args.img_size or PROTOCOL[dataset]["img_size"],
+        epochs=args.epochs or PROTOCOL[dataset]["epochs"],
         init="auto",
         early_stopping_metric=None,
         hybrid_recipe="default",
         hybrid_arg={},
         cache_images=False,
+        amp="none",
+        channels_last=False,
+        model_arg={},
         device=args.device,
         n_bootstrap=args.n_bootstrap,
         work_dir=args.work_dir,
@@ -211,8 +214,8 @@ def evidence(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     config = {
         "dataset": dataset,
         "models": f"{finetune.HYBRID} (qing default recipe) and {finetune.BASELINE} (BASELINE_RECIPE), "
-        f"trained by benchmarks/finetune.py: {PROTOCOL[dataset]['img_size']} px, at most "
-        f"{PROTOCOL[dataset]['epochs']} epochs, seed {args.seed}",
+        f"trained by benchmarks/finetune.py: {args.img_size or PROTOCOL[dataset]['img_size']} px, at most "
+        f"{args.epochs or PROTOCOL[dataset]['epochs']} epochs, seed {args.seed}",
         "init": runs[finetune.HYBRID]["record"]["init"],
         "runs": {m: str(r["dir"]) for m, r in runs.items()},
         "n_test": n_test,
@@ -233,6 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(PROTOCOL), choices=list(PROTOCOL))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--img-size", type=int, default=None, help="instead of the dataset's published protocol")
+    parser.add_argument("--epochs", type=int, default=None, help="instead of the dataset's published protocol")
     parser.add_argument("--data-dir", type=Path, default=finetune.DATA)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/qing-e-bench"), help="finetune run folders")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -232,7 +232,7 @@ def test_qing_app_in_chromium(app_url, driver, models, tmp_path, capsys):
     stored = qing.create_model(f"local-dir:{run_dir / 'checkpoints/best'}", pretrained=True).qing_meta
     assert stored.thresholds is not None and stored.threshold_method == "youden"
     assert float(threshold) == pytest.approx(stored.thresholds[0], abs=1e-4)
-    assert f"test_roc_auc {stored.metrics['test_roc_auc']:.4f}" in card  # the run's test metrics
+    assert "ROC AUC (test)" in card and f"{stored.metrics['test_roc_auc']:.4f}" in card  # the run's test metrics
     decision = "PNEUMONIA" if expected["positive_PNEUMONIA"] == "1" else "NORMAL"
     assert call == decision and shown["decision"] == f"Decision: {decision}"
     # the Grad-CAM label box shows the model's first label

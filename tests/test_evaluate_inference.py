@@ -104,9 +104,12 @@ def test_iter_logits_autocast_and_channels_last(model, files):
         ImageFiles(readable, build_transforms(model, train=False)), batch_size=4, collate_fn=collate_skip_bad
     )
     (batch,) = iter_logits(model, loader, amp_dtype=torch.bfloat16, channels_last=True)
-    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # the runner converted the weights
     model.eval()
-    images = next(iter(loader))["image"].to(memory_format=torch.channels_last)
+    images = next(iter(loader))["image"]
+    assert torch.equal(batch.images, images)  # the batch as loaded; the runner converts its own copy
+    images = images.to(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(images).float()
     assert torch.equal(batch.logits, expected)

@@ -171,8 +171,9 @@ def test_reset_classifier_and_another_class_count_close_the_gate_again(tmp_path,
     with caplog.at_level(logging.WARNING, logger="qing"):
         loaded = qing.create_model("qing_test_r1", pretrained=True, num_classes=2,
                                    pretrained_cfg_overlay={"file": str(tmp_path / "r1.safetensors")})  # fmt: skip
-    assert "the checkpoint's classifier has 3 outputs but the model has 2: dropped head.backbone_fc.weight, " \
-           "head.backbone_fc.bias, head.encoder_fc.weight" in caplog.text  # fmt: skip
+    assert "the checkpoint's classifier does not fit the model's 2 outputs (head.backbone_fc.weight (3, 96) vs " \
+           "model (2, 96);" in caplog.text  # fmt: skip
+    assert "dropped head.backbone_fc.weight, head.backbone_fc.bias, head.encoder_fc.weight" in caplog.text
     assert not loaded.head.encoder_fc.weight.any()
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])  # the rest loads
 

@@ -243,7 +243,9 @@ def test_trainer_builds_everything_before_fit(tmp_path, data_root):
     assert trainer.schedule.kind == "cosine" and trainer.scaler is None and trainer.ema is None
     positives = float(trainer.datasets["train"].targets.sum())
     assert torch.allclose(trainer.loss_fn.pos_weight, torch.tensor([(12 - positives) / positives]))
-    assert trainer.stopper.metric == cfg.early_stopping_metric and trainer.stopper.best_epoch == 0
+    assert (
+        cfg.early_stopping_metric == "auto" and trainer.stopper.metric == "val_loss" and trainer.stopper.best_epoch == 0
+    )
     assert (trainer.history, trainer.global_step, trainer.start_epoch, trainer.stopped_early) == ([], 0, 0, False)
     assert trainer.tb is None and trainer.tb_images is None  # only while fit() runs
 

@@ -79,4 +79,4 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
     # rank 0 alone wrote the run folder
     assert len(list(ddp_cfg.tensorboard_path.glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in ddp_cfg.checkpoints_path.iterdir()) == ["best", "last"]
+    assert sorted(p.name for p in ddp_cfg.checkpoints_path.iterdir()) == [".qing-run", "best", "last"]  # + marker

@@ -1,5 +1,7 @@
 """The pooled-backbone classifier with a residual from the Transformer encoder that starts closed."""
 
+from typing import Optional
+
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
@@ -27,7 +29,15 @@ class ResidualHead(nn.Module):
         dtype: Parameter dtype.
     """
 
-    def __init__(self, encoder_dim: int, backbone_dim: int, num_classes: int, *, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        encoder_dim: int,
+        backbone_dim: int,
+        num_classes: int,
+        *,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.encoder_dim = encoder_dim

@@ -317,8 +317,15 @@ def _without_source_locations(pretrained_cfg: Any, overlay: Mapping[str, Any], v
 
 
 def _head_loaded(model: nn.Module, report: LoadReport) -> bool:
-    head = _classifier_keys(model, model.state_dict())
-    return bool(head) and all(k in report.loaded for k in head)
+    """Whether the classifier computes what the checkpoint's did: every tensor loaded, or a zero-initialized gate.
+
+    A residual head's ``encoder_fc`` starts at zero by design (``qing.layers.ResidualHead``): filled with
+    zeros it adds nothing, so a loaded pooled classifier alone decides the outputs.
+    """
+    state = model.state_dict()
+    head = _classifier_keys(model, state)
+    loaded = set(report.loaded)
+    return bool(head) and any(k in loaded for k in head) and all(k in loaded or not state[k].any() for k in head)
 
 
 def _finish_head(
