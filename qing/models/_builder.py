@@ -354,13 +354,14 @@ def _finish_head(
         return
     labels = cfg.get("label_names")
     if labels is not None and len(labels) != num_classes:
+        defaults = "class_0" if num_classes == 1 else f"class_0..class_{num_classes - 1}"
         _logger.warning(
-            "%s: the pretrained cfg's %d label_names do not match the loaded classifier's %d outputs; "
-            "replaced them with class_0..class_%d (pass pretrained_cfg_overlay=dict(label_names=[...]))",
+            "%s: the pretrained cfg's %d label_names do not match the loaded classifier's %d output(s); "
+            "replaced them with %s (pass pretrained_cfg_overlay=dict(label_names=[...]))",
             name,
             len(labels),
             num_classes,
-            num_classes - 1,
+            defaults,
         )
         cfg["label_names"] = None
     sync_head(model)
