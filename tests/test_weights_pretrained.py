@@ -314,8 +314,8 @@ def test_a_fitting_head_loads_even_when_the_cfg_class_count_differs(tmp_path, ca
         )
     assert torch.equal(model.head.weight, source.head.weight)
     assert model.pretrained_cfg["num_classes"] == 1 and model.pretrained_cfg["label_names"] == ("class_0",)
-    message = "the pretrained cfg's 14 label_names do not match the loaded classifier's 1 output(s); replaced them with "
-    assert message + "class_0 (pass pretrained_cfg_overlay" in caplog.text
+    message = "the pretrained cfg's 14 label_names do not match the loaded classifier's 1 output(s); replaced them "
+    assert message + "with class_0 (pass pretrained_cfg_overlay" in caplog.text
 
 
 def test_checkpoint_for_another_architecture(tmp_path):
