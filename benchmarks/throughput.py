@@ -2,7 +2,8 @@
 
 Measures images/s and peak memory for an inference pass and a training step (AdamW, BCE) in three
 modes -- ``fp32`` eager, ``bf16_cl`` (bf16 autocast + channels_last) and ``compile`` (the same under
-``torch.compile``) -- for:
+``torch.compile``); ``--modes`` also takes ``fp32_cl`` (channels_last alone) and ``bf16`` (autocast
+alone), which separate the two on a CPU -- for:
 
 * ``qing_densenet121_tr2`` (and, for training, the same with backbone gradient checkpointing),
 * timm's ``densenet121`` (the reference every ratio is taken against),
@@ -36,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 BASELINE = "densenet121"
 MODELS = ("qing_densenet121_tr2", BASELINE, "original")
 MODES = ("fp32", "bf16_cl", "compile")
+#: Further modes for the bf16-on-CPU question: channels_last alone, bf16 autocast alone.
+EXTRA_MODES = ("fp32_cl", "bf16")
 PHASES = ("infer", "train")
 GRAD_CKPT = "qing_densenet121_tr2+grad_ckpt"
 NUM_CLASSES = 14
@@ -74,10 +77,10 @@ def measure(args: argparse.Namespace) -> dict:
     model.to(device)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 2, (args.batch, NUM_CLASSES), device=device).float()
-    if args.mode in ("bf16_cl", "compile"):
+    if args.mode in ("bf16_cl", "compile", "fp32_cl"):
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mode != "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mode not in ("fp32", "fp32_cl"))
     train = args.phase == "train"
     model.train(train)
     runner = torch.compile(model) if args.mode == "compile" else model
