@@ -74,6 +74,8 @@ import numpy as np
 import torch
 import yaml
 
+from qing.evaluate import delong_test
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 HYBRID = "qing_densenet121_tr2"
@@ -709,6 +711,10 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
             per_fold.setdefault(r["fold"], {})[r["model"]] = r["test_auroc"]
         fold_diffs = [v[a] - v[b] for _, v in sorted(per_fold.items()) if a in v and b in v]
         row = {"phase": "comparison", "model": a, "baseline": b, **stats}
+        if y.shape[1] == 1:  # binary: DeLong's test on the pooled out-of-fold probabilities, beside the bootstrap
+            delong = delong_test(y[:, 0], p_a[:, 0], p_b[:, 0])
+            row["delong_ci95"] = [_r(v) for v in delong["ci"]]
+            row["delong_p"] = _r(delong["p_value"])
         row["fold_differences"] = [round(d, 4) for d in fold_diffs]
         row["fold_difference_mean"] = round(statistics.fmean(fold_diffs), 4)
         row["folds_won"] = f"{sum(d > 0 for d in fold_diffs)}/{len(fold_diffs)}"
@@ -737,6 +743,10 @@ def crossval(args: argparse.Namespace) -> dict[str, Any]:
                 row["n_positive"] = int(y[:, j].sum())
                 row["positive_patients"] = len({patients[i] for i in np.flatnonzero(y[:, j])})
                 row[f"{model}_auroc"] = round(mean_auroc(y[:, [j]], p[:, [j]]), 4)
+            first, second = CV_PAIRS[0]
+            if first in pooled and second in pooled and 2 <= row["n_positive"] <= len(y) - 2:
+                delong = delong_test(y[:, j], pooled[first][2][:, j], pooled[second][2][:, j])
+                row[f"delong_p_{first}_vs_{second}"] = _r(delong["p_value"])
             rows_out.append(row)
     first = records[0]
     config = {
