@@ -458,6 +458,14 @@ def _image_grid(rows: int, cols: int, *, cell_w: float, cell_h: float, title: st
     return fig, axes
 
 
+def _one_image(image: torch.Tensor, caller: str) -> torch.Tensor:
+    """``(C, H, W)`` or ``(1, C, H, W)`` -> ``(1, C, H, W)``; anything else is an error naming ``caller``."""
+    batch = image.unsqueeze(0) if image.dim() == 3 else image
+    if batch.dim() != 4 or batch.shape[0] != 1:
+        raise ValueError(f"{caller} takes one image (C, H, W), got shape {list(image.shape)}")
+    return batch
+
+
 def _show(ax: Any, picture: np.ndarray, title: str = "", **kwargs: Any) -> None:
     ax.imshow(picture, **kwargs)
     ax.set_title(title, fontsize="small")
@@ -489,9 +497,7 @@ def save_attention_figure(
     Returns:
         ``path``.
     """
-    batch = image.unsqueeze(0) if image.dim() == 3 else image
-    if batch.dim() != 4 or batch.shape[0] != 1:
-        raise ValueError(f"save_attention_figure takes one image (C, H, W), got shape {list(image.shape)}")
+    batch = _one_image(image, "save_attention_figure")
     mean, std = _mean_std(model, mean, std)
     picture = denormalize(batch[0], mean, std)
     size = tuple(batch.shape[-2:])
@@ -662,9 +668,7 @@ def save_gradcam_figure(
     Returns:
         ``path``.
     """
-    batch = image.unsqueeze(0) if image.dim() == 3 else image
-    if batch.dim() != 4 or batch.shape[0] != 1:
-        raise ValueError(f"save_gradcam_figure takes one image (C, H, W), got shape {list(image.shape)}")
+    batch = _one_image(image, "save_gradcam_figure")
     mean, std = _mean_std(model, mean, std)
     picture = denormalize(batch[0], mean, std)
     panels = [("input", _as_rgb(picture))]
