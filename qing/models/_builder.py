@@ -560,10 +560,10 @@ FOREIGN_FORMATS = ("chexnet", "original_hybrid", "xrv_densenet", "densenet121")
 def convert_foreign_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     """A complete state dict for ``model`` when ``state_dict`` is a foreign format; ``None`` otherwise.
 
-    What qing models' ``load_state_dict`` runs first, so ``model.load_state_dict(torch.load("model.pth.tar")
-    ["state_dict"])`` and ``timm.create_model(..., checkpoint_path="model.pth.tar")`` convert CheXNet,
-    torchxrayvision, original-hybrid and torchvision DenseNet121 checkpoints. A state dict that already
-    has every key of the model is left alone (``None``).
+    What qing models' ``load_state_dict`` runs first. So ``model.load_state_dict`` of a CheXNet state dict
+    (``torch.load("model.pth.tar", weights_only=True)["state_dict"]``) and ``timm.create_model(...,
+    checkpoint_path="model.pth.tar")`` convert CheXNet, torchxrayvision, original-hybrid and torchvision
+    DenseNet121 checkpoints. A state dict that already has every key of the model is left alone (``None``).
     """
     if not isinstance(state_dict, Mapping) or not state_dict:
         return None
