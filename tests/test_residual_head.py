@@ -8,7 +8,6 @@ freezing, the encoder's optimizer groups and the multi-label early-stopping defa
 
 import csv
 import logging
-import re
 
 import pytest
 import timm
@@ -23,7 +22,7 @@ from qing import explain
 from qing.layers import ResidualHead, TokenDropout
 from qing.train import TrainConfig, Trainer, param_groups
 from qing.weights import CXR14_LABELS
-from tests.model_helpers import randomize_batchnorm
+from tests.model_helpers import legacy_chexnet_state_dict, randomize_batchnorm
 from tests.train_helpers import synthetic_root, tiny_config
 
 
@@ -84,16 +83,6 @@ def test_a_classifier_of_another_class_count_stays_unused(tmp_path, caplog):
     assert "unused checkpoint tensors: fc.* (2)" in caplog.text
 
 
-def _legacy_chexnet_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """torchvision DenseNet121 weights in CheXNet's layout (module.densenet121., norm.1 names, no batch counts)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if not key.endswith("num_batches_tracked"):
-            key = re.sub(r"(denselayer\d+\.)(norm|relu|conv)([12])\.", r"\1\2.\3.", key)
-            out[f"module.densenet121.{key}"] = value.clone()
-    return out
-
-
 @pytest.fixture(scope="module")
 def chexnet(tmp_path_factory):
     """``(torchvision CheXNet with random weights, its model.pth.tar)``."""
@@ -102,7 +91,7 @@ def chexnet(tmp_path_factory):
     reference.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
     randomize_batchnorm(reference).eval()
     path = tmp_path_factory.mktemp("chexnet") / "model.pth.tar"
-    torch.save({"epoch": 3, "state_dict": _legacy_chexnet_state_dict(reference)}, path)
+    torch.save({"epoch": 3, "state_dict": legacy_chexnet_state_dict(reference)}, path)
     return reference, str(path)
 
 

@@ -8,7 +8,6 @@ DataParallel-wrapped ``DenseNet121`` module (``module.densenet121.``), with torc
 """
 
 import logging
-import re
 import shutil
 
 import pytest
@@ -21,17 +20,7 @@ import qing
 from qing.convert import load_checkpoint_file, load_chexnet_file
 from qing.models import checkpoint_filter_fn
 from qing.weights import CXR14_LABELS, CheckpointError, convert_chexnet
-from tests.model_helpers import randomize_batchnorm
-
-
-def _legacy_chexnet_state_dict(model: nn.Module, *, batches_tracked: bool = False) -> dict:
-    out = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and not batches_tracked:
-            continue
-        key = re.sub(r"(denselayer\d+\.)(norm|relu|conv)([12])\.", r"\1\2.\3.", key)
-        out[f"module.densenet121.{key}"] = value.clone()
-    return out
+from tests.model_helpers import legacy_chexnet_state_dict, randomize_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +31,7 @@ def chexnet(tmp_path_factory):
     reference.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
     randomize_batchnorm(reference)
     reference.eval()
-    state_dict = _legacy_chexnet_state_dict(reference)
+    state_dict = legacy_chexnet_state_dict(reference)
     optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, betas=(0.9, 0.999))
     path = tmp_path_factory.mktemp("chexnet") / "model.pth.tar"
     checkpoint = {"epoch": 9, "arch": "densenet121", "state_dict": state_dict, "best_loss": 0.1523,
@@ -116,7 +105,7 @@ def test_chexnet_backbone_in_the_hybrids(chexnet, tmp_path, monkeypatch):
 
 def test_num_batches_tracked_is_accepted(chexnet):
     reference, _ = chexnet
-    state_dict = _legacy_chexnet_state_dict(reference, batches_tracked=True)
+    state_dict = legacy_chexnet_state_dict(reference, batches_tracked=True)
     model = qing.create_model("qing_chexnet_densenet121").eval()
     model.load_state_dict(checkpoint_filter_fn(state_dict, model))  # strict
     x = torch.randn(1, 3, 64, 64)

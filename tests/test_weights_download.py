@@ -29,8 +29,7 @@ from qing.weights import (
     integrity_record_path,
     read_state_dict,
 )
-from tests.model_helpers import randomize_batchnorm
-from tests.test_weights_chexnet import _legacy_chexnet_state_dict
+from tests.model_helpers import legacy_chexnet_state_dict, randomize_batchnorm
 
 pytest_plugins = ["tests.weights_server"]  # weights_server, online_weights
 
@@ -53,7 +52,7 @@ def chexnet_file(tmp_path_factory):
     reference.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
     randomize_batchnorm(reference).eval()
     path = tmp_path_factory.mktemp("chexnet") / "model.pth.tar"
-    checkpoint = {"epoch": 3, "arch": "densenet121", "state_dict": _legacy_chexnet_state_dict(reference)}
+    checkpoint = {"epoch": 3, "arch": "densenet121", "state_dict": legacy_chexnet_state_dict(reference)}
     torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
     return reference, path.read_bytes()
 
