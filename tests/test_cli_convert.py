@@ -12,10 +12,9 @@ from torch import nn
 
 import qing
 from qing.weights import CXR14_LABELS, XRV_PATHOLOGIES
-from tests.model_helpers import randomize_batchnorm
+from tests.model_helpers import legacy_chexnet_state_dict, randomize_batchnorm
 from tests.reference.original_hybrid import OriginalHybrid
 from tests.test_cli import run_qing
-from tests.test_weights_chexnet import _legacy_chexnet_state_dict
 
 
 def _loaded(folder):
@@ -27,7 +26,7 @@ def test_convert_chexnet(tmp_path):
     reference = torchvision.models.densenet121(weights=None)
     reference.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
     randomize_batchnorm(reference)
-    checkpoint = {"epoch": 9, "arch": "densenet121", "state_dict": _legacy_chexnet_state_dict(reference.eval())}
+    checkpoint = {"epoch": 9, "arch": "densenet121", "state_dict": legacy_chexnet_state_dict(reference.eval())}
     torch.save(checkpoint, tmp_path / "model.pth.tar", _use_new_zipfile_serialization=False)  # CheXNet's layout
 
     result = run_qing("convert", "model.pth.tar", "chexnet-qing", cwd=tmp_path)

@@ -56,7 +56,7 @@ from qing.train.amp import CPU_AUTO_BF16, CPU_BF16_ENV, resolve_amp
 from qing.train.run_folder import RunFolderBusyError, RunFolderError, read_marker
 from qing.weights import UnsafeCheckpointError, WeightsNotFoundError
 from tests.make_fake_data import write_class_folders, write_dicom, write_png
-from tests.model_helpers import randomize_batchnorm
+from tests.model_helpers import legacy_chexnet_state_dict, randomize_batchnorm
 from tests.test_cli import qing_env, read_csv, run_qing
 from tests.train_helpers import synthetic_root, tiny_config, weights
 
@@ -523,14 +523,13 @@ def test_a_mistyped_overlay_path_is_named_as_given(tmp_path, monkeypatch):
 
 def test_checkpoint_path_goes_through_format_detection(tmp_path):
     torchvision = pytest.importorskip("torchvision")
-    from tests.test_weights_chexnet import _legacy_chexnet_state_dict
 
     torch.manual_seed(31)
     reference = torchvision.models.densenet121(weights=None)
     reference.classifier = torch.nn.Sequential(torch.nn.Linear(1024, 14), torch.nn.Sigmoid())
     randomize_batchnorm(reference).eval()
     path = tmp_path / "model.pth.tar"
-    torch.save({"state_dict": _legacy_chexnet_state_dict(reference)}, path, _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": legacy_chexnet_state_dict(reference)}, path, _use_new_zipfile_serialization=False)
     x = torch.randn(1, 3, 64, 64)
     for create in (timm.create_model, qing.create_model):
         model = create("qing_chexnet_densenet121", checkpoint_path=str(path)).eval()
