@@ -24,6 +24,7 @@ from qing.data import DataConfig, build_transforms, load_image
 from qing.evaluate import DEFAULT_TTA_VIEWS, augment, compare
 from qing.meta import set_meta
 from qing.train import TrainConfig
+from qing.weights import CXR14_LABELS
 from tests.make_fake_data import write_class_folders
 from tests.test_cli import read_csv
 from tests.train_helpers import one_thread
@@ -354,6 +355,38 @@ def test_eval_multilabel_from_csv_columns_and_a_list_file(work, capsys, tmp_path
     first = read_csv(tmp_path / "ev2" / "predictions.csv")[0]
     same_image = [float(predicted[0][f"prob_{n}"]) for n in labels]  # in a batch of 16 there, of 5 here
     assert [float(first[f"prob_{n}"]) for n in labels] == pytest.approx(same_image, rel=1e-5, abs=1e-6)
+
+
+def test_eval_reads_findings_with_another_separator(work, capsys, tmp_path, nih_64):
+    labels = ["Effusion", "Atelectasis", "Hernia"]
+    model = qing.create_model("qing_test_tr1", num_classes=3).eval()
+    set_meta(model, task="multilabel")
+    qing.save_pretrained(model, tmp_path / "cxr14", label_names=labels, data_config={"input_size": (3, 64, 64)})
+    with open(nih_64 / "labels.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    findings = [n for n in CXR14_LABELS if n in reader.fieldnames]
+    assert len(findings) == 14
+    several = [r for r in rows if sum(r[n] == "1" for n in findings) > 1]
+    rows = several[:8] + [r for r in rows if r not in several][:16]
+    with open(tmp_path / "findings.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "findings"])
+        for r in rows:
+            writer.writerow([r["path"], "; ".join(n for n in findings if r[n] == "1") or "No Finding"])
+    assert any(";" in line for line in (tmp_path / "findings.csv").read_text().splitlines())
+
+    base = ["eval", str(tmp_path / "cxr14"), str(tmp_path / "findings.csv"), "--image-dir", str(nih_64)]
+    argv = [*base, "--label-column", "findings", "-o", str(tmp_path / "ev"), "--n-bootstrap", "10"]
+    assert main([*argv, "--label-separator", ";"]) == 0
+    predicted = read_csv(tmp_path / "ev" / "predictions.csv")
+    assert [[int(p[f"target_{n}"]) for n in labels] for p in predicted] == [[int(r[n]) for n in labels] for r in rows]
+
+    capsys.readouterr()
+    assert main([*base, "--label-separator", ";", "-o", str(tmp_path / "ev2")]) == 1
+    assert _error(capsys) == (
+        "qing: error: --label-separator needs --label-column (the column holding the separated findings)\n"
+    )
 
 
 # ---- calibration, test-time augmentation, Grad-CAM, compare ------------------------------------------------

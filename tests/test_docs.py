@@ -236,6 +236,13 @@ SHELL_OPERATORS = {"&&", "||", "|", ";"}
 REDIRECTION = re.compile(r"^\d*(>>?|<)(&\d+)?")
 
 
+def _shell_words(text: str) -> list[tuple[str, bool]]:
+    """``(word, quoted)`` per word of a shell line, comments dropped: a quoted ``";"`` is a word, not an operator."""
+    lexer = shlex.shlex(text, posix=False)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    return [("".join(shlex.split(raw)), "'" in raw or '"' in raw) for raw in lexer]
+
+
 def shell_commands(page: Path) -> list[tuple[int, list[str]]]:
     """``(line, argv)`` of every command in the page's shell blocks (continuations joined, comments,
     redirections and ``VAR=value`` prefixes removed, ``&&``/``|``/``;`` lists split)."""
@@ -252,9 +259,9 @@ def shell_commands(page: Path) -> list[tuple[int, list[str]]]:
                 text = text.rstrip()[:-1] + " " + lines[i]
             i += 1
             current: list[str] = []
-            tokens = iter(shlex.split(text, comments=True))
-            for token in tokens:
-                if token in SHELL_OPERATORS:
+            tokens = iter(_shell_words(text))
+            for token, quoted in tokens:
+                if token in SHELL_OPERATORS and not quoted:
                     commands.append((block.line + start, current))
                     current = []
                 elif match := REDIRECTION.match(token):

@@ -123,6 +123,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--label-column", metavar="COLUMN", help="CSV column with a class name per row (default: 'label' if present)"
     )
+    data.add_argument(
+        "--label-separator",
+        metavar="SEP",
+        help="separator of several findings in --label-column, as in 'Effusion;Mass' "
+        "(default: '|' where a value holds one, as NIH's 'Finding Labels')",
+    )
     data.add_argument("--image-dir", type=Path, metavar="DIR", help="folder the CSV / list-file paths start from")
 
 
@@ -221,6 +227,8 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
     with open(data, newline="", encoding="utf-8-sig") as f:
         header = [name.strip() for name in next(csv.reader(f), [])]
     label_column, label_columns = args.label_column, None
+    if args.label_separator is not None and label_column is None:
+        raise CLIError("--label-separator needs --label-column (the column holding the separated findings)")
     if label_column is None:
         if loaded.task != "multiclass" and all(name in header for name in loaded.labels):
             label_columns = list(loaded.labels)
@@ -242,6 +250,7 @@ def _read_csv(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[Any],
         path_column=args.path_column,
         label_column=label_column,
         label_columns=label_columns,
+        label_separator=args.label_separator,
         split_column=args.split_column,
     )
     if args.split_column:
