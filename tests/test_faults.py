@@ -633,6 +633,18 @@ def test_folders_of_another_run_and_shared_folders_are_refused(tmp_path, data_ro
         Trainer(first.replace(report_dir=str(tmp_path / "a")))
 
 
+def test_a_refused_run_folder_is_left_exactly_as_it_was(tmp_path, data_root):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("mine: true\n")
+    (folder / "notes.txt").write_text("my notes")
+    cfg = tiny_config(data_root, folder, report=False, tensorboard=False)
+    with pytest.raises(RunFolderError, match=r"holds config.yaml, which qing did not write.*Nothing was changed"):
+        Trainer(cfg).fit()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "notes.txt"]  # no lock file left behind
+    assert (folder / "config.yaml").read_text() == "mine: true\n"
+
+
 # ---- 12.7 and 12.9: --resume never silently starts over; config.yaml only after a resume succeeded ------
 
 

@@ -183,12 +183,14 @@ class RunFolderLock:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self._lock: Optional[filelock.BaseFileLock] = None
+        self._created_lock_file = False
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RunFolderBusyError` at once naming the holder."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunFolderError(f"the run folder {self.run_dir} is a file; give a folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._created_lock_file = not (self.run_dir / LOCK_FILE).exists()
         lock = filelock.FileLock(self.run_dir / LOCK_FILE, thread_local=False)
         try:
             lock.acquire(timeout=0)
@@ -214,10 +216,17 @@ class RunFolderLock:
         except (OSError, ValueError, KeyError, TypeError):
             return f"holder unknown: {self.run_dir / OWNER_FILE} is missing or unreadable"
 
-    def release(self) -> None:
-        """Release the lock (and remove the sidecar); a no-op when not held."""
+    def release(self, *, refused: bool = False) -> None:
+        """Release the lock (and remove the sidecar); a no-op when not held.
+
+        Args:
+            refused: The folder was refused (it holds files qing did not write): the lock file goes too
+                when this lock created it, so a refused folder is left exactly as it was.
+        """
         if self._lock is None:
             return
         (self.run_dir / OWNER_FILE).unlink(missing_ok=True)
+        if refused and self._created_lock_file:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # still held: no other run can be using it
         self._lock.release()
         self._lock = None

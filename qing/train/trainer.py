@@ -274,10 +274,15 @@ class Trainer:
         self._fitted = True
         cfg = self.config
         lock = RunFolderLock(cfg.run_dir) if self.env.is_main else None
+        refused = False
         try:
             with self._record_setup_log():  # what preparing the folder logs goes to train.log too
                 self._on_main(lock.acquire if lock is not None else None)
-                last = self._on_main(self._prepare_run_dir)
+                try:
+                    last = self._on_main(self._prepare_run_dir)
+                except RunFolderError:
+                    refused = True
+                    raise
             barrier(self.env)
             if last is not None and not self.env.is_main:
                 last = find_checkpoint(last, repair=False, require_state=True)
@@ -301,7 +306,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
             if lock is not None:
-                lock.release()
+                lock.release(refused=refused)
             shutdown_distributed(self.env)
 
     @property
