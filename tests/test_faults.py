@@ -990,13 +990,17 @@ import logging, sys
 from qing.train import TrainConfig, Trainer
 if sys.argv[2] == "quiet":
     logging.getLogger("qing.train").setLevel(logging.WARNING)
+if sys.argv[2] == "configured":  # a program with its own logging that silences qing (as benchmarks/ does)
+    logging.basicConfig(level=logging.INFO, format="mine %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qing").setLevel(logging.WARNING)
+    logging.getLogger("app").info("starting")
 Trainer(TrainConfig.from_file(sys.argv[1])).fit()
 """
 
 
 def test_fit_logs_one_line_per_epoch_to_the_console_unless_silenced(tmp_path, data_root):
     env = {**qing_env(), "PYTHONPATH": str(REPO)}
-    for mode in ("default", "quiet"):
+    for mode in ("default", "quiet", "configured"):
         cfg = tiny_config(data_root, tmp_path / mode, epochs=2, tensorboard=False)
         config_file = cfg.save(tmp_path / f"{mode}.yaml")
         done = subprocess.run(
@@ -1015,6 +1019,10 @@ def test_fit_logs_one_line_per_epoch_to_the_console_unless_silenced(tmp_path, da
             )
         else:
             assert ours == []
+        if mode == "configured":  # the program's handler shows its own records and qing's warnings only
+            mine = [line for line in done.stderr.splitlines() if line.startswith("mine ")]
+            assert mine[0] == "mine INFO app: starting"
+            assert all(line.startswith("mine WARNING qing") for line in mine[1:]), mine
         assert (cfg.run_dir / "train.log").read_text().count(" INFO qing.train: epoch ") == 2  # the log keeps them
 
 

@@ -1153,15 +1153,36 @@ def _logging_configured() -> bool:
     return any(logging.getLogger(name).handlers for name in ("", "qing", "qing.train"))
 
 
+class _Propagate(logging.Handler):
+    """Passes on to the parent loggers' handlers what the program's own logger levels let through."""
+
+    def __init__(self, logger: logging.Logger, saved_levels: dict[str, int]) -> None:
+        super().__init__()
+        self.logger, self.saved_levels = logger, saved_levels
+
+    def _program_level(self, name: str) -> int:
+        logger: Optional[logging.Logger] = logging.getLogger(name)
+        while logger is not None:
+            level = self.saved_levels.get(logger.name, logger.level)
+            if level != logging.NOTSET:
+                return level
+            logger = logger.parent
+        return logging.WARNING
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self._program_level(record.name) and self.logger.parent is not None:
+            self.logger.parent.handle(record)
+
+
 @contextlib.contextmanager
 def _qing_logging(handlers: Sequence[logging.Handler], *, console: bool) -> Iterator[None]:
     """``handlers`` on the ``qing`` logger at INFO meanwhile, plus a console handler if none is configured.
 
-    When the program has not configured logging, ``qing.train`` progress (one line per epoch) and
-    every ``qing`` warning go to stderr; a level set on ``logging.getLogger("qing.train")`` (e.g.
-    ``WARNING``) is the console's, while ``handlers`` (``train.log``) still get every INFO line.
-    When it has configured logging, qing adds no console handler, and leaves levels set on the
-    ``qing`` / ``qing.train`` loggers as they are.
+    ``handlers`` (``train.log``) get every INFO line in every case. When the program has not configured
+    logging, ``qing.train`` progress (one line per epoch) and every ``qing`` warning go to stderr; a level
+    set on ``logging.getLogger("qing.train")`` (e.g. ``WARNING``) is the console's. When it has configured
+    logging, qing adds no console handler, and the program's handlers get what the levels it set on the
+    ``qing`` / ``qing.train`` loggers let through (every INFO line where it set none).
     """
     loggers = [logging.getLogger("qing"), logging.getLogger("qing.train")]
     explicit = any(logger.level != logging.NOTSET for logger in loggers)
@@ -1174,7 +1195,14 @@ def _qing_logging(handlers: Sequence[logging.Handler], *, console: bool) -> Iter
         stream.addFilter(_console_record)
         added.append(stream)
     levels = [logger.level for logger in loggers]
-    if not configured or not explicit:
+    propagate = loggers[0].propagate
+    own_handlers = any(logger.handlers for logger in loggers)
+    if configured and explicit and own_handlers:
+        pass  # handlers on the qing loggers themselves: their levels stay the program's (train.log gets what passes)
+    else:
+        if configured and explicit and propagate:  # the program's levels still decide what its handlers get
+            added.append(_Propagate(loggers[0], {logger.name: level for logger, level in zip(loggers, levels)}))
+            loggers[0].propagate = False
         for logger in loggers:
             if logger.level == logging.NOTSET or logger.level > logging.INFO:
                 logger.setLevel(logging.INFO)
@@ -1186,6 +1214,7 @@ def _qing_logging(handlers: Sequence[logging.Handler], *, console: bool) -> Iter
         for handler in added:
             loggers[0].removeHandler(handler)
             handler.close()
+        loggers[0].propagate = propagate
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 
