@@ -1115,7 +1115,12 @@ def test_bf16_training_on_cpu_where_supported_and_a_clear_error_elsewhere(tmp_pa
         resolve_amp("fp16", cpu)
 
     monkeypatch.setenv(CPU_BF16_ENV, "1")  # a CPU with them (forced: this machine may have none)
-    assert resolve_amp("auto", cpu) == (torch.bfloat16 if CPU_AUTO_BF16 else None)  # the benchmark's decision
+    assert resolve_amp("auto", cpu) == torch.bfloat16  # the benchmark's decision, checked against its results below
+    results = json.loads((REPO / "benchmarks" / "results" / "finetune_pneumonia200_amp_cpu.json").read_text())
+    verdict = results["comparison"]["qing_densenet121_tr2"]
+    assert len(verdict["auroc_difference_bf16_minus_fp32_per_seed"]) == 3
+    assert CPU_AUTO_BF16 is verdict["within_seed_spread"] is True
+    assert abs(verdict["auroc_difference_mean"]) <= verdict["fp32_auroc_sd_over_seeds"]
     trainer = Trainer(tiny_config(data_root, tmp_path / "bf16", amp="bf16", epochs=1, tensorboard=False))
     assert trainer.amp_dtype == torch.bfloat16
     dtypes = []

@@ -137,7 +137,7 @@ class TrainConfig:
         ema: Keep an exponential moving average of the weights (``timm.utils.ModelEmaV3``); it is
             what is validated, saved as best and reported.
         ema_decay: EMA decay per step.
-        amp: Mixed precision: ``"auto"`` (bf16 on CUDA GPUs that support it, else float32),
+        amp: Mixed precision: ``"auto"`` (bf16 on CUDA GPUs and CPUs that support it, else float32),
             ``"bf16"`` (CUDA, or CPUs with bfloat16 instructions), ``"fp16"`` (CUDA) or ``"none"``.
         channels_last: Use the channels-last memory format.
         compile: ``torch.compile`` the training model.
