@@ -274,14 +274,14 @@ class Trainer:
         self._fitted = True
         cfg = self.config
         lock = RunFolderLock(cfg.run_dir) if self.env.is_main else None
-        refused = False
         try:
             with self._record_setup_log():  # what preparing the folder logs goes to train.log too
                 self._on_main(lock.acquire if lock is not None else None)
                 try:
                     last = self._on_main(self._prepare_run_dir)
                 except RunFolderError:
-                    refused = True
+                    if lock is not None:
+                        lock.release(refused=True)  # the later release in `finally` is then a no-op
                     raise
             barrier(self.env)
             if last is not None and not self.env.is_main:
@@ -306,7 +306,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
             if lock is not None:
-                lock.release(refused=refused)
+                lock.release()
             shutdown_distributed(self.env)
 
     @property
@@ -1156,9 +1156,9 @@ def _logging_configured() -> bool:
 class _Propagate(logging.Handler):
     """Passes on to the parent loggers' handlers what the program's own logger levels let through."""
 
-    def __init__(self, logger: logging.Logger, saved_levels: dict[str, int]) -> None:
+    def __init__(self, parent: logging.Logger, saved_levels: dict[str, int]) -> None:
         super().__init__()
-        self.logger, self.saved_levels = logger, saved_levels
+        self.parent, self.saved_levels = parent, saved_levels
 
     def _program_level(self, name: str) -> int:
         logger: Optional[logging.Logger] = logging.getLogger(name)
@@ -1170,8 +1170,8 @@ class _Propagate(logging.Handler):
         return logging.WARNING
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= self._program_level(record.name) and self.logger.parent is not None:
-            self.logger.parent.handle(record)
+        if record.levelno >= self._program_level(record.name):
+            self.parent.handle(record)
 
 
 @contextlib.contextmanager
@@ -1196,12 +1196,12 @@ def _qing_logging(handlers: Sequence[logging.Handler], *, console: bool) -> Iter
         added.append(stream)
     levels = [logger.level for logger in loggers]
     propagate = loggers[0].propagate
-    own_handlers = any(logger.handlers for logger in loggers)
-    if configured and explicit and own_handlers:
-        pass  # handlers on the qing loggers themselves: their levels stay the program's (train.log gets what passes)
-    else:
-        if configured and explicit and propagate:  # the program's levels still decide what its handlers get
-            added.append(_Propagate(loggers[0], {logger.name: level for logger, level in zip(loggers, levels)}))
+    program_levels = configured and explicit
+    # Handlers on the qing loggers themselves: their levels stay the program's (train.log gets what passes).
+    if not (program_levels and any(logger.handlers for logger in loggers)):
+        if program_levels and propagate and loggers[0].parent is not None:  # its levels still gate its handlers
+            saved = {logger.name: level for logger, level in zip(loggers, levels)}
+            added.append(_Propagate(loggers[0].parent, saved))
             loggers[0].propagate = False
         for logger in loggers:
             if logger.level == logging.NOTSET or logger.level > logging.INFO:
